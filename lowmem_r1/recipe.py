@@ -1,0 +1,412 @@
+"""A recipe is data: a TOML file validated here, whole, before anything heavy is imported or downloaded.
+
+Every error is one line naming the file, the key and the fix (Axolotl-style validation, torchtune-style
+`key=value` overrides). Only pydantic and the standard library are imported at module level so that
+`lowmem-r1 train RECIPE --dry-run` answers instantly.
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+BUILTIN_DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSection(Section):
+    name: str = BUILTIN_DEFAULT_MODEL
+    """Hub id, local folder, .gguf file, or a builtin alias (`builtin:smollm2-135m-instruct`)."""
+    backend: Literal["auto", "hf", "unsloth"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    load_in_4bit: bool = False
+    fast_inference: bool = False
+    """Unsloth: build a vLLM engine that shares weights with the trained model (GPU only)."""
+    max_seq_length: int = Field(1024, gt=0)
+    max_lora_rank: int = Field(64, gt=0)
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    vllm_standby: bool = False
+    """Unsloth: UNSLOTH_VLLM_STANDBY=1, vLLM and training share memory further."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class LoraSection(Section):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+    use_rslora: bool = False
+
+
+class DataSection(Section):
+    source: str = "builtin:arithmetic"
+    """Hub id, local file or folder (jsonl/json/parquet/csv), or a generator: builtin:arithmetic,
+    builtin:countdown."""
+    task: Literal["arithmetic", "gsm8k", "countdown", "math", "generic"] = "arithmetic"
+    config: str | None = None
+    split: str = "train"
+    eval_split: str | None = None
+    eval_size: int = Field(0, ge=0)
+    limit: int | None = Field(None, gt=0)
+    shuffle: bool = True
+    seed: int = 0
+    max_prompt_length: int = Field(256, gt=0)
+    """Prompts longer than this (in tokens, chat template applied) are dropped and counted."""
+    columns: dict[str, str] = Field(default_factory=dict)
+    """Task `generic`: reward column name -> dataset column name (e.g. answer = "label")."""
+    generator: dict[str, Any] = Field(default_factory=dict)
+    """Parameters of a builtin generator (n, seed, min/max numbers ...)."""
+
+
+class PromptSection(Section):
+    system: str = "none"
+    """Preset (`r1`, `xml`, `boxed`, `none`) or any custom system prompt."""
+    user: str | None = None
+    """Template with {field} placeholders; default: the task's own."""
+    assistant_prefix: str = ""
+    """Text the assistant turn starts with (e.g. "Let me solve this step by step.\\n<think>")."""
+
+
+class RewardEntry(BaseModel):
+    """One `[[rewards]]` table: a registry name (or `module:function` / `file.py:function`),
+    a weight, what to do when it raises, and the reward's own parameters as extra keys."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str
+    weight: float = 1.0
+    on_error: Literal["raise", "skip"] = "raise"
+
+    @property
+    def params(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class TrainingSection(Section):
+    max_steps: int = Field(100, gt=0)
+    learning_rate: float = Field(5e-6, gt=0)
+    per_device_train_batch_size: int = Field(8, gt=0)
+    """Completions per device per micro-batch (TRL counts completions, not prompts)."""
+    gradient_accumulation_steps: int = Field(1, gt=0)
+    num_generations: int = Field(8, ge=2)
+    beta: float = Field(0.0, ge=0)
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"
+    scale_rewards: Literal["group", "batch", "none"] = "group"
+    epsilon: float = Field(0.2, gt=0)
+    num_iterations: int = Field(1, gt=0)
+    mask_truncated_completions: bool = False
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float = Field(1.0, gt=0)
+    optim: str = "adamw_torch"
+    gradient_checkpointing: bool = False
+    seed: int = 42
+    save_steps: int = Field(50, gt=0)
+    save_total_limit: int | None = Field(2, gt=0)
+
+
+class GenerationSection(Section):
+    max_completion_length: int = Field(256, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0)
+    repetition_penalty: float = Field(1.0, gt=0)
+    use_vllm: bool = False
+    vllm_mode: Literal["colocate", "server"] = "colocate"
+    vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+
+
+class OutputSection(Section):
+    dir: str | None = None
+    """Run directory; default runs/<recipe name>."""
+    completions_fraction: float = Field(1.0, ge=0, le=1)
+    """Share of generated samples written to completions.jsonl."""
+
+
+class LoggingSection(Section):
+    report_to: list[Literal["tensorboard", "wandb", "swanlab", "trackio"]] = Field(default_factory=list)
+    logging_steps: int = Field(1, gt=0)
+    sample_every: int = Field(5, ge=0)
+    """Show one sample completion in the live display every N steps (0: never)."""
+
+
+class EvalSection(Section):
+    size: int = Field(50, ge=0)
+    """Held-out prompts scored by `lowmem-r1 eval` (taken from data.eval_split/eval_size)."""
+    max_new_tokens: int | None = None
+    batch_size: int = Field(16, gt=0)
+
+
+class Recipe(Section):
+    name: str = "run"
+    description: str = ""
+    stage: Literal["grpo"] = "grpo"
+    """The R1 pipeline stage. Only GRPO today; SFT cold start, rejection sampling and distillation
+    are planned as further stage kinds of the same recipe format."""
+    model: ModelSection = Field(default_factory=ModelSection)
+    lora: LoraSection = Field(default_factory=LoraSection)
+    data: DataSection = Field(default_factory=DataSection)
+    prompt: PromptSection = Field(default_factory=PromptSection)
+    rewards: list[RewardEntry] = Field(default_factory=list)
+    training: TrainingSection = Field(default_factory=TrainingSection)
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    output: OutputSection = Field(default_factory=OutputSection)
+    logging: LoggingSection = Field(default_factory=LoggingSection)
+    eval: EvalSection = Field(default_factory=EvalSection)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> "Recipe":
+        t, g = self.training, self.generation
+        per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+        if per_step % t.num_generations:
+            raise _Combination(
+                "training.per_device_train_batch_size",
+                f"per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions "
+                f"cannot be split into groups of num_generations = {t.num_generations}; make it a multiple "
+                f"of {t.num_generations} (e.g. per_device_train_batch_size = {t.num_generations})",
+            )
+        if self.model.fast_inference and self.lora.r > self.model.max_lora_rank:
+            raise _Combination(
+                "lora.r",
+                f"lora.r = {self.lora.r} is above model.max_lora_rank = {self.model.max_lora_rank}; "
+                f"vLLM cannot serve it: raise model.max_lora_rank or lower lora.r",
+            )
+        if self.lora.alpha <= 0:
+            raise _Combination("lora.alpha", "lora.alpha must be positive")
+        if not self.rewards:
+            raise _Combination("rewards", "the recipe has no [[rewards]]: add at least one reward table")
+        if g.vllm_mode == "server" and not g.use_vllm:
+            raise _Combination("generation.vllm_mode", "vllm_mode = 'server' needs generation.use_vllm = true")
+        return self
+
+    # Numbers the run will use, shown by --dry-run and the live display.
+    def prompts_per_step(self) -> int:
+        t = self.training
+        return t.per_device_train_batch_size * t.gradient_accumulation_steps // t.num_generations
+
+    def run_dir(self) -> Path:
+        return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
+
+
+class _Combination(ValueError):
+    """An impossible combination of settings, carrying the key to blame."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides and one-line errors
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, check_rewards: bool = True) -> Recipe:
+    """Read a TOML recipe, apply `section.key=value` overrides, validate everything."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: recipe not found; pass the path of a .toml file (see recipes/)")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"{path}: not valid TOML ({e}); fix the syntax at that line") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not a UTF-8 text file; pass a TOML recipe") from None
+    raw.setdefault("name", path.stem)
+    return recipe_from_dict(raw, source=str(path), overrides=overrides, check_rewards=check_rewards)
+
+
+def recipe_from_dict(
+    raw: dict, source: str = "<recipe>", overrides: list[str] | None = None, check_rewards: bool = True
+) -> Recipe:
+    raw = copy.deepcopy(raw)
+    for item in overrides or []:
+        apply_override(raw, item)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as e:
+        raise UserError(_one_line(e, source, raw)) from None
+    except _Combination as e:  # raised directly when pydantic does not wrap it
+        raise UserError(f"{source}: {e.key}: {e.message}") from None
+    if check_rewards:
+        check_recipe_rewards(recipe, source)
+    return recipe
+
+
+def check_recipe_rewards(recipe: Recipe, source: str) -> None:
+    """Unknown reward names, bad parameters and missing dataset columns fail here, not at step 1."""
+    from . import rewards
+    from .data import task_columns
+
+    available = task_columns(recipe.data)
+    for i, entry in enumerate(recipe.rewards):
+        key = f"rewards[{i}] ({entry.name})"
+        try:
+            spec = rewards.check(entry.name, entry.params)
+        except UserError as e:
+            raise UserError(f"{source}: {key}: {e}") from None
+        if available is not None:
+            missing = [c for c in spec.columns if c not in available]
+            if missing:
+                raise UserError(
+                    f"{source}: {key}: needs dataset column(s) {missing}, but task '{recipe.data.task}' gives "
+                    f"{sorted(available)}; choose another reward or map the columns in data.columns"
+                )
+
+
+def apply_override(raw: dict, item: str) -> None:
+    """`training.learning_rate=1e-5`, `rewards.0.weight=2`, `model.name=Qwen/Qwen2.5-0.5B-Instruct`."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value, e.g. --set training.max_steps=10")
+    dotted, text = item.split("=", 1)
+    keys = [k for k in dotted.strip().split(".") if k]
+    if not keys:
+        raise UserError(f"--set {item!r}: empty key; expected section.key=value")
+    value = _parse_value(text.strip())
+    node: Any = raw
+    for depth, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, k, item)
+        else:
+            nxt = node.get(k)
+            if nxt is None:
+                nxt = node[k] = {}
+            if not isinstance(nxt, (dict, list)):
+                raise UserError(f"--set {item!r}: {'.'.join(keys[: depth + 1])} is a value, not a section")
+            node = nxt
+    last = keys[-1]
+    if isinstance(node, list):
+        idx = _index(last, node, item)
+        node[idx] = value
+    else:
+        node[last] = value
+
+
+def _list_item(node: list, k: str, item: str):
+    return node[_index(k, node, item)]
+
+
+def _index(k: str, node: list, item: str) -> int:
+    if not k.isdigit() or int(k) >= len(node):
+        raise UserError(f"--set {item!r}: {k!r} is not an index of a list with {len(node)} entries")
+    return int(k)
+
+
+def _parse_value(text: str) -> Any:
+    """TOML literal when it parses as one (numbers, booleans, arrays, quoted strings), else a bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+_FIXES = {
+    "extra_forbidden": "remove it or check its spelling",
+    "missing": "add it",
+    "literal_error": "use one of the allowed values",
+}
+
+
+def _one_line(err: ValidationError, source: str, raw: dict) -> str:
+    e = err.errors()[0]
+    loc = e.get("loc", ())
+    key = _format_loc(loc, raw)
+    msg = e.get("msg", "invalid")
+    ctx = e.get("ctx") or {}
+    inner = ctx.get("error")
+    if isinstance(inner, _Combination):
+        return f"{source}: {inner.key}: {inner.message}"
+    if e.get("type") == "extra_forbidden":
+        return f"{source}: {key}: unknown key; {_FIXES['extra_forbidden']}{_suggest(loc)}"
+    value = e.get("input")
+    shown = "" if isinstance(value, dict) or value is None else f" (got {value!r})"
+    fix = _FIXES.get(e.get("type", ""), "fix the value")
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {key}: {msg}{shown}; {fix}{more}"
+
+
+def _format_loc(loc: tuple, raw: dict) -> str:
+    parts: list[str] = []
+    for p in loc:
+        if isinstance(p, int):
+            parts[-1] = f"{parts[-1]}[{p}]" if parts else f"[{p}]"
+        else:
+            parts.append(str(p))
+    return ".".join(parts) or "<top level>"
+
+
+def _suggest(loc: tuple) -> str:
+    """Name the closest known key, so `learning_rat` points at `learning_rate`."""
+    import difflib
+
+    model: Any = Recipe
+    for p in loc[:-1]:
+        if isinstance(p, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(p)
+        if field is None:
+            return ""
+        model = field.annotation
+        model = getattr(model, "__args__", (model,))[0] if not hasattr(model, "model_fields") else model
+    names = list(getattr(model, "model_fields", {}))
+    close = difflib.get_close_matches(str(loc[-1]), names, n=1)
+    return f" (did you mean '{close[0]}'?)" if close else f" (known keys: {', '.join(names)})"
+
+
+def recipe_to_toml(recipe: Recipe) -> str:
+    """The resolved recipe, as it will be saved in the run directory."""
+    data = recipe.model_dump(mode="json", exclude_none=True)
+    return _dump_toml(data)
+
+
+def _dump_toml(data: dict) -> str:
+    import json
+
+    def val(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, list):
+            return "[" + ", ".join(val(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{_key(k)} = {val(x)}" for k, x in v.items()) + " }"
+        raise TypeError(type(v))
+
+    lines: list[str] = []
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    arrays = {k: v for k, v in data.items() if isinstance(v, list) and v and all(isinstance(x, dict) for x in v)}
+    for k, v in data.items():
+        if k not in tables and k not in arrays:
+            lines.append(f"{_key(k)} = {val(v)}")
+    for k, v in tables.items():
+        lines.append(f"\n[{k}]")
+        lines.extend(f"{_key(kk)} = {val(vv)}" for kk, vv in v.items())
+    for k, v in arrays.items():
+        for item in v:
+            lines.append(f"\n[[{k}]]")
+            lines.extend(f"{_key(kk)} = {val(vv)}" for kk, vv in item.items())
+    return "\n".join(lines) + "\n"
+
+
+def _key(k: str) -> str:
+    return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'

@@ -1,0 +1,11 @@
+"""Rule-based rewards that follow TRL's calling convention exactly.
+
+    f(prompts=None, completions=..., completion_ids=None, **columns) -> list[float | None]
+
+`build(name, **params)` returns such a callable for a registry name, a `module:function` or a
+`path/to/file.py:function`; `REGISTRY` describes every builtin reward (parameters, dataset columns).
+Importing this package is cheap: math-verify and friends load inside the rewards that need them.
+"""
+
+from .registry import REGISTRY, REQUIRED, RewardFunc, RewardSpec, build, check, register  # noqa: F401
+from . import library as _library  # noqa: F401  (registers the builtin rewards)

@@ -1,0 +1,1 @@
+"""Builtin rewards (placeholder: being written)."""
