@@ -1,0 +1,325 @@
+"""recipe -> GRPOConfig + GRPOTrainer -> run directory.
+
+Read top to bottom: prepare the run directory (new, forced or resumed), pick the backend (before
+anything imports trl: Unsloth must patch it first), load model + data + rewards, build TRL's config and
+trainer, train with checkpoints that are renamed into place, save the adapter, summarise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from .errors import UserError
+from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_free_space
+from .recipe import Recipe, load_recipe, recipe_to_toml
+from .callbacks import Interrupt, MetricsLog
+from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
+from .rundir import RunDir
+
+# Recipe keys that may change between a run and its resumption without changing what is trained.
+RESUME_SAFE_KEYS = {"logging", "output", "eval", "description"}
+
+
+def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = None, force: bool = False,
+          console=None) -> int:
+    """Run GRPO as the recipe says. Returns the process exit code (0 done, 130 interrupted)."""
+    from . import progress
+
+    console = console or progress.make_console()
+    run, checkpoint = prepare_run_dir(recipe, resume, force)
+    started = time.time()
+
+    from . import backends
+
+    backend = backends.select(recipe)
+    _name, why = backends.choose(recipe.model.backend)
+    getattr(backend, "prepare", lambda: None)()  # unsloth: import it before trl/transformers/peft
+    console.print(f"[bold]lowmem-r1[/] run [cyan]{run.path}[/] - backend [cyan]{backend.name}[/] ({why})")
+    _warn_if_not_fit(recipe, console)
+
+    model, tokenizer = backend.load(recipe)
+    from .data import load_splits
+
+    splits = load_splits(recipe, tokenizer)
+    if splits.dropped:
+        console.print(
+            f"[yellow]data:[/] dropped {splits.dropped} prompt(s) longer than data.max_prompt_length = "
+            f"{recipe.data.max_prompt_length} tokens"
+        )
+    if len(splits.train) == 0:
+        raise UserError("data: no training rows left after filtering; raise data.max_prompt_length or check data.source")
+    _preflight_disk(run, recipe, model)
+
+    recorder = RewardRecorder(run.completions, recipe, start_step=_step_of(checkpoint))
+    reward_funcs, weights = guard_rewards(recipe, recorder)
+
+    from trl import GRPOConfig
+
+    config = GRPOConfig(**grpo_kwargs(recipe, run, weights), **backend.grpo_overrides(recipe))
+    interrupt = Interrupt()
+    display = progress.TrainingDisplay(recipe, run, console, start_step=_step_of(checkpoint))
+    display.recorder = recorder
+    trainer = trainer_class()(
+        model=model,
+        processing_class=tokenizer,
+        reward_funcs=reward_funcs,
+        args=config,
+        train_dataset=splits.train,
+        callbacks=[MetricsLog(run.metrics), display, interrupt],
+    )
+    _write_info(run, recipe, backend.name, status="running", max_steps=recipe.training.max_steps)
+
+    with interrupt.installed(console), display:
+        try:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        except RewardFailure as failure:
+            saved = save_checkpoint_now(trainer)
+            _write_info(run, recipe, backend.name, status="failed", step=trainer.state.global_step)
+            raise UserError(
+                f"{failure}\n  run stopped at step {trainer.state.global_step}; checkpoint: {saved}\n"
+                f"  fix the reward (or set on_error = \"skip\" on it), then: lowmem-r1 train {recipe_path or 'RECIPE'} "
+                f"--resume {run.path}"
+            ) from None
+        except KeyboardInterrupt:
+            _write_info(run, recipe, backend.name, status="interrupted", step=trainer.state.global_step)
+            last = run.checkpoint_dirs()
+            console.print(
+                f"\n[yellow]stopped now.[/] last complete checkpoint: {last[-1] if last else 'none'}\n"
+                f"resume with: lowmem-r1 train {recipe_path or 'RECIPE'} --resume {run.path}"
+            )
+            return 130
+
+    save_adapter(trainer, tokenizer, run)
+    step = trainer.state.global_step
+    if interrupt.requested:
+        _write_info(run, recipe, backend.name, status="interrupted", step=step)
+        console.print(
+            f"\n[yellow]interrupted[/] at step {step}: checkpoint and adapter saved.\n"
+            f"resume with: lowmem-r1 train {recipe_path or 'RECIPE'} --resume {run.path}"
+        )
+        return 130
+    _write_info(run, recipe, backend.name, status="completed", step=step, seconds=round(time.time() - started, 1))
+    progress.print_summary(run, console)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------
+# The run directory: new, forced over an old one, or resumed
+
+
+def prepare_run_dir(recipe: Recipe, resume: str | None, force: bool) -> tuple[RunDir, Path | None]:
+    """A new run refuses to overwrite an old one without --force; --resume finds the last checkpoint."""
+    if resume is not None:
+        run = RunDir(Path(resume) if resume else recipe.run_dir())
+        if not run.exists():
+            raise UserError(f"{run.path}: no run to resume there; start it without --resume, or name the run dir")
+        saved = load_recipe(run.recipe, check_rewards=False)
+        diff = recipe_diff(saved, recipe)
+        if diff and not force:
+            raise UserError(
+                f"{run.path}: the recipe differs from the run's saved recipe in {'; '.join(diff)}; "
+                f"resume with the same settings, or pass --force to resume anyway"
+            )
+        _clear_staging(run)
+        checkpoints = run.checkpoint_dirs()
+        checkpoint = checkpoints[-1] if checkpoints else None
+        truncate_logs(run, _step_of(checkpoint))
+        atomic_write_text(run.recipe, recipe_to_toml(recipe))
+        return run, checkpoint
+
+    run = RunDir(recipe.run_dir())
+    if run.path.exists() and any(run.path.iterdir()):
+        if not force:
+            raise UserError(
+                f"{run.path}: already holds a run; pass --resume to continue it, --force to start a new run "
+                f"over it, or set output.dir to another folder"
+            )
+        shutil.rmtree(run.path)
+    run.path.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run.recipe, recipe_to_toml(recipe))
+    return run, None
+
+
+def recipe_diff(saved: Recipe, new: Recipe) -> list[str]:
+    """Training-relevant keys that differ, as `key: old -> new`."""
+    a, b = _flatten(saved.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
+    out = []
+    for key in sorted(set(a) | set(b)):
+        if key.split(".")[0] in RESUME_SAFE_KEYS or key == "name":
+            continue
+        if a.get(key) != b.get(key):
+            out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
+    return out
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+    elif isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        for i, v in enumerate(d):
+            out.update(_flatten(v, f"{prefix}{i}."))
+    else:
+        out[prefix[:-1]] = d
+    return out
+
+
+def truncate_logs(run: RunDir, step: int) -> None:
+    """Drop log rows after the checkpoint we resume from, so every step appears exactly once."""
+    for path in (run.metrics, run.completions):
+        if not path.is_file():
+            continue
+        kept = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a kill
+            if int(row.get("step", 0)) <= step:
+                kept.append(line)
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
+def _clear_staging(run: RunDir) -> None:
+    shutil.rmtree(run.checkpoints / ".staging", ignore_errors=True)
+
+
+def _write_info(run: RunDir, recipe: Recipe, backend: str, status: str, step: int = 0, **extra) -> None:
+    from .models import resolve_model
+
+    info = run.info() if run.exists() else {}
+    info.update(
+        model_name=recipe.model.name,
+        base_model=info.get("base_model") or resolve_model(recipe.model.name),
+        backend=backend,
+        load_in_4bit=recipe.model.load_in_4bit,
+        status=status,
+        global_step=step,
+        max_steps=recipe.training.max_steps,
+        **extra,
+    )
+    info.pop("seconds", None) if "seconds" not in extra else None
+    atomic_write_json(run.info_file, info)
+
+
+def _preflight_disk(run: RunDir, recipe: Recipe, model) -> None:
+    """Checkpoints hold the adapter and AdamW's two moments: about 3 x 4 bytes per trainable parameter."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    keep = (recipe.training.save_total_limit or max(1, recipe.training.max_steps // recipe.training.save_steps)) + 1
+    needed = trainable * 12 * keep + trainable * 4 + 50_000_000
+    check_free_space(run.path, needed, f"{keep} checkpoint(s) and the adapter")
+
+
+def _warn_if_not_fit(recipe: Recipe, console) -> None:
+    try:
+        from .plan import warn_if_not_fit
+    except ImportError:
+        return
+    message = warn_if_not_fit(recipe)
+    if message:
+        console.print(f"[yellow]plan:[/] {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# TRL configuration
+
+
+def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dict:
+    """The recipe's training and generation sections, as GRPOConfig keyword arguments."""
+    t, g, log = recipe.training, recipe.generation, recipe.logging
+    return dict(
+        output_dir=str(run.checkpoints),
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        num_generations=t.num_generations,
+        beta=t.beta,
+        loss_type=t.loss_type,
+        scale_rewards=t.scale_rewards,
+        epsilon=t.epsilon,
+        num_iterations=t.num_iterations,
+        mask_truncated_completions=t.mask_truncated_completions,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of max_steps
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        optim=t.optim,
+        gradient_checkpointing=t.gradient_checkpointing,
+        seed=t.seed,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        max_completion_length=g.max_completion_length,
+        temperature=g.temperature,
+        top_p=g.top_p,
+        top_k=g.top_k,
+        repetition_penalty=g.repetition_penalty,
+        reward_weights=reward_weights,
+        logging_steps=log.logging_steps,
+        report_to=list(log.report_to) or "none",
+        disable_tqdm=True,
+        log_completions=False,
+    )
+
+
+def trainer_class():
+    """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first) whose checkpoints are
+    written to a staging folder and renamed into place, so a kill at any moment leaves the previous
+    checkpoint whole, and whose rotation never deletes the newest complete checkpoint."""
+    from trl import GRPOTrainer
+
+    class LowmemGRPOTrainer(GRPOTrainer):
+        def _save_checkpoint(self, model, trial):
+            root = Path(self.args.output_dir)
+            staging = root / ".staging"
+            name = f"checkpoint-{self.state.global_step}"
+            shutil.rmtree(staging, ignore_errors=True)
+            limit = self.args.save_total_limit
+            self.args.output_dir, self.args.save_total_limit = str(staging), None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir, self.args.save_total_limit = str(root), limit
+            _fsync_tree(staging / name)
+            final = root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if limit:
+                complete = sorted(
+                    (p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                    key=lambda p: int(p.name.split("-")[-1]),
+                )
+                for old in complete[: max(0, len(complete) - limit)]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    return LowmemGRPOTrainer
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in Path(path).rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def save_checkpoint_now(trainer) -> Path:
+    trainer._save_checkpoint(trainer.model, None)
+    return Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+
+
+def save_adapter(trainer, tokenizer, run: RunDir) -> None:
+    with atomic_dir(run.adapter, force=True) as tmp:
+        trainer.model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
