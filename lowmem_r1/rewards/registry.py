@@ -32,17 +32,27 @@ class RewardSpec:
     """Parameter name -> default (REQUIRED when the recipe must give it)."""
     columns: tuple[str, ...] = ()
     """Dataset columns the reward reads from its keyword arguments."""
+    best: Any = None
+    """The full-marks score (a number, or the name of the parameter holding it); None for shaping rewards
+    that have no full marks (lengths, penalties). `lowmem-r1 rewards check` judges gold answers by it."""
+
+    def full_marks(self, params: dict[str, Any] | None = None) -> float | None:
+        if isinstance(self.best, str):
+            merged = {**self.params, **(params or {})}
+            value = merged.get(self.best)
+            return float(value) if isinstance(value, (int, float)) else None
+        return self.best
 
 
 REGISTRY: dict[str, RewardSpec] = {}
 
 
-def register(name: str, description: str, columns: tuple[str, ...] = (), **params: Any):
+def register(name: str, description: str, columns: tuple[str, ...] = (), best: Any = None, **params: Any):
     """Decorator for a factory `(**params) -> reward function`; the function is named after the reward
     so TRL logs it as rewards/<name>/mean."""
 
     def deco(factory: Callable[..., RewardFunc]) -> Callable[..., RewardFunc]:
-        REGISTRY[name] = RewardSpec(name, description, factory, dict(params), tuple(columns))
+        REGISTRY[name] = RewardSpec(name, description, factory, dict(params), tuple(columns), best)
         return factory
 
     return deco

@@ -1,0 +1,216 @@
+"""math-verify equivalence, bounded in time, with each gold parsed once.
+
+Why not call math_verify.parse/verify with their own timeout: it uses `signal.alarm`, which takes whole
+seconds (a 64-completion batch could then stall for minutes) and raises in any thread but the main one.
+Here one sub-second `setitimer` deadline covers parsing and verifying one completion, and math-verify's
+own alarm is switched off so the two never fight over SIGALRM. Outside the main thread (a trainer that
+scores rewards in a worker thread) the batch runs in a child process whose main thread can take signals,
+and the parent waits with a timeout and kills the child if it must.
+
+GRPO scores G completions against the same gold, so golds are parsed once (LRU cache); completions are
+cut to the region that holds the answer (the last \\boxed{}, else the <answer> tag, else the tail) before
+math-verify sees them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import threading
+from typing import Any
+
+from .extract import MAX_ANSWER_CHARS, answer_tag, last_boxed
+
+TAIL_CHARS = 1000
+"""Without a \\boxed{} or <answer> tag, math-verify reads only this many final characters."""
+
+
+class _Deadline(BaseException):
+    """Raised by our timer; a BaseException so math-verify's `except Exception` does not swallow it."""
+
+
+class _QuietTimeoutWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Timeout is disabled" not in record.getMessage()
+
+
+def _math_verify():
+    import math_verify
+
+    for name in ("math_verify.parser", "math_verify.grader"):
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _QuietTimeoutWarning) for f in log.filters):
+            log.addFilter(_QuietTimeoutWarning())
+    return math_verify
+
+
+class _deadline:
+    """`with _deadline(seconds):` raises _Deadline inside the block when time runs out (main thread only)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+
+    def __enter__(self):
+        def on_alarm(signum, frame):
+            raise _Deadline()
+
+        self.old_handler = signal.signal(signal.SIGALRM, on_alarm)
+        self.old_timer = signal.setitimer(signal.ITIMER_REAL, self.seconds)
+        return self
+
+    def __exit__(self, *exc):
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, self.old_handler)
+        if self.old_timer[0] > 0:  # someone else's timer was running: give it back what is left
+            signal.setitimer(signal.ITIMER_REAL, max(1e-3, self.old_timer[0] - self.seconds), self.old_timer[1])
+        return False
+
+
+@functools.lru_cache(maxsize=8192)
+def parse_gold(gold: str) -> tuple:
+    """The gold solution parsed by math-verify ((): unparseable). Cached: one parse per distinct gold."""
+    mv = _math_verify()
+    from math_verify import LatexExtractionConfig
+
+    try:
+        # LaTeX first (open-r1's gold parse), then plain expressions ("1/2", "3.5"); never the raw string.
+        common = dict(extraction_mode="first_match", fallback_mode="no_fallback", parsing_timeout=None)
+        parsed = mv.parse(gold, extraction_config=[LatexExtractionConfig()], **common)
+        if not parsed:
+            parsed = mv.parse(gold, **common)
+    except Exception:
+        return ()
+    return tuple(parsed)
+
+
+@functools.lru_cache(maxsize=1)
+def _pred_config():
+    from latex2sympy2_extended import NormalizationConfig
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+
+    return [
+        LatexExtractionConfig(
+            normalization_config=NormalizationConfig(
+                nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=True
+            ),
+            boxed_match_priority=0,
+            try_extract_without_anchor=False,
+        ),
+        ExprExtractionConfig(),
+    ]
+
+
+def answer_region(text: str) -> str:
+    """The part of a completion that holds its answer, small enough to parse quickly."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return f"\\boxed{{{boxed}}}"
+    tagged = answer_tag(text)
+    if tagged is not None and len(tagged) <= MAX_ANSWER_CHARS:
+        return tagged
+    return text[-TAIL_CHARS:]
+
+
+@functools.lru_cache(maxsize=8192)
+def _parse_pred(region: str) -> tuple:
+    mv = _math_verify()
+    try:
+        return tuple(mv.parse(region, extraction_config=_pred_config(), extraction_mode="first_match",
+                              parsing_timeout=None))
+    except Exception:
+        return ()
+
+
+_SLOW_GOLDS: set[str] = set()
+"""Golds whose parsing ran out of time: not applicable, and not retried for every completion."""
+
+
+def _verify_one(gold: Any, text: str, timeout: float) -> float | None:
+    if not isinstance(gold, str) or not gold.strip() or gold in _SLOW_GOLDS:
+        return None
+    mv = _math_verify()
+    stage = "gold"
+    try:
+        with _deadline(timeout):
+            gold_parsed = parse_gold(gold)
+            if not gold_parsed:
+                return None
+            stage = "pred"
+            pred = _parse_pred(answer_region(text))
+            if not pred:
+                return 0.0
+            return 1.0 if mv.verify(list(gold_parsed), list(pred), timeout_seconds=None) else 0.0
+    except _Deadline:
+        if stage == "gold":
+            if len(_SLOW_GOLDS) < 100_000:
+                _SLOW_GOLDS.add(gold)
+            return None
+        return 0.0
+    except Exception:
+        return 0.0
+
+
+def score_batch(golds: list, texts: list[str], timeout: float) -> list[float | None]:
+    """1.0 / 0.0 per completion, None where the gold cannot be parsed. Main thread: inline with a
+    per-completion deadline; other threads: in a child process (see module docstring)."""
+    if threading.current_thread() is threading.main_thread():
+        return [_verify_one(g, t, timeout) for g, t in zip(golds, texts)]
+    return _in_child(golds, texts, timeout)
+
+
+_POOL = None
+_POOL_LOCK = threading.Lock()
+
+
+def _in_child(golds: list, texts: list[str], timeout: float) -> list[float | None]:
+    import multiprocessing
+
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = multiprocessing.get_context("spawn").Pool(1)
+        pool = _POOL
+        job = pool.apply_async(score_batch, (list(golds), list(texts), timeout))
+        try:
+            # Each completion is bounded by its own deadline in the child; the slack covers process start.
+            return job.get(timeout=timeout * (len(texts) + 1) + 30)
+        except Exception:
+            pool.terminate()
+            _POOL = None
+            return [0.0 if isinstance(g, str) and g.strip() else None for g in golds]
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def _timeout(value: Any) -> float:
+    value = float(value)
+    if not 0 < value <= 60:
+        raise ValueError("timeout must be in (0, 60] seconds")
+    return value
+
+
+from .extract import batch, column  # noqa: E402
+from .registry import register  # noqa: E402
+
+
+@register(
+    "math_accuracy",
+    "1 if math-verify finds the completion's answer (last \\boxed{}, else <answer>, else the tail) "
+    "equivalent to the `solution` column (LaTeX); None when the gold cannot be parsed. timeout: seconds "
+    "per completion.",
+    columns=("solution",),
+    best=1.0,
+    timeout=0.5,
+)
+def math_accuracy(timeout: float = 0.5):
+    timeout = _timeout(timeout)
+
+    def reward(prompts=None, completions=None, **kwargs):
+        texts, _ = batch(prompts, completions)
+        return score_batch(column(kwargs, "solution", len(texts)), texts, timeout)
+
+    return reward
