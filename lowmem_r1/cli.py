@@ -63,6 +63,41 @@ def train(
     raise typer.Exit(code)
 
 
+# --- data (DATA) -------------------------------------------------------------------------------------
+
+
+@data_app.command("countdown")
+def data_countdown(
+    n: int = typer.Option(5000, "--n", help="Number of puzzles."),
+    out: Path = typer.Option(..., "--out", help="Output .jsonl file (rows: nums, target, solution)."),
+    seed: int = typer.Option(0, "--seed", help="Random seed (same seed, same file)."),
+    min_numbers: int = typer.Option(3, "--min-numbers", help="Fewest numbers per puzzle."),
+    max_numbers: int = typer.Option(4, "--max-numbers", help="Most numbers per puzzle."),
+    max_number: int = typer.Option(99, "--max-number", help="Largest number drawn (from 1)."),
+    max_target: int = typer.Option(100, "--max-target", help="Largest target."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
+) -> None:
+    """Generate solvable Countdown puzzles (use as data.source with task = "countdown")."""
+    from .data.generators import write_countdown
+
+    count = write_countdown(out, n=n, seed=seed, force=force, min_numbers=min_numbers, max_numbers=max_numbers,
+                            max_number=max_number, max_target=max_target)
+    print(f"wrote {count} puzzles to {out}")
+
+
+@data_app.command("preview")
+def data_preview(
+    recipe: Path = typer.Argument(..., help="Recipe TOML file."),
+    n: int = typer.Option(3, "-n", help="How many prompts to show."),
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Show prompts exactly as the model will see them, their reward columns and token lengths."""
+    from .data.preview import preview
+    from .recipe import load_recipe
+
+    print(preview(load_recipe(recipe, set_ or []), n=n))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

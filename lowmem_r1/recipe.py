@@ -59,8 +59,11 @@ class DataSection(Section):
     config: str | None = None
     split: str = "train"
     eval_split: str | None = None
+    """Named split of the source (or a second local file) held out for evaluation."""
     eval_size: int = Field(0, ge=0)
+    """Rows held out of the training split for evaluation (with eval_split: caps its size)."""
     limit: int | None = Field(None, gt=0)
+    """At most this many training rows (after shuffling and the eval hold-out)."""
     shuffle: bool = True
     seed: int = 0
     max_prompt_length: int = Field(256, gt=0)
@@ -78,6 +81,9 @@ class PromptSection(Section):
     """Template with {field} placeholders; default: the task's own."""
     assistant_prefix: str = ""
     """Text the assistant turn starts with (e.g. "Let me solve this step by step.\\n<think>")."""
+    answer_format: Literal["auto", "r1", "xml", "boxed", "plain"] = "auto"
+    """How a correct completion writes its answer (gold answers, `data preview`); auto: from the system
+    preset, else from the tags or \\boxed the prompt mentions."""
 
 
 class RewardEntry(BaseModel):

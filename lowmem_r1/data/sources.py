@@ -1,0 +1,72 @@
+"""Where rows come from: a generator, local files, or the Hugging Face hub - all as a `datasets.Dataset`.
+
+Local files and hub ids go through the same `datasets.load_dataset`, so a file a user saved from the hub
+behaves exactly like the hub dataset.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import UserError
+
+FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_source(data, split: str):
+    """The raw rows of `data.source` for one split name (a generator ignores the split)."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    source = data.source
+    if source.startswith("builtin:"):
+        from .generators import generate
+
+        return datasets.Dataset.from_list(generate(source, dict(data.generator), data.seed))
+    if data.generator:
+        raise UserError("data.generator: only builtin:arithmetic and builtin:countdown take generator parameters; "
+                        "remove [data.generator] or use a builtin source")
+    path = Path(source).expanduser()
+    if path.is_file():
+        if split != data.split:
+            raise UserError(f"data.eval_split: {split!r}: data.source is a single file, which has one split; point "
+                            f"data.eval_split at a second file, or hold out rows with data.eval_size")
+        return load_file(path)
+    if path.is_dir():
+        return _load(str(path), None, split, f"data.source {source}")
+    if _looks_local(source):
+        raise UserError(f"data.source: {source} not found; pass an existing file or folder "
+                        f"({', '.join(FILE_BUILDERS)}), a hub id like openai/gsm8k, or builtin:countdown")
+    return _load(source, data.config, split, f"data.source {source}")
+
+
+def load_file(path: str | Path):
+    """One local file (jsonl, json, parquet, csv): all its rows."""
+    path = Path(path).expanduser()
+    builder = FILE_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise UserError(f"data.source: {path}: unsupported file type {path.suffix!r}; use one of "
+                        f"{', '.join(FILE_BUILDERS)}")
+    return _load(builder, None, "train", f"data file {path}", data_files=str(path))
+
+
+def _looks_local(source: str) -> bool:
+    return (source.startswith((".", "/", "~")) or source.count("/") != 1
+            or Path(source).suffix.lower() in FILE_BUILDERS)
+
+
+def _load(name: str, config: str | None, split: str, what: str, **kwargs):
+    import datasets
+
+    try:
+        return datasets.load_dataset(name, config, split=split, **kwargs)
+    except ValueError as e:
+        if "split" in str(e).lower():
+            raise UserError(f"{what}: no split {split!r} ({e}); set data.split / data.eval_split to one it has") \
+                from None
+        raise UserError(f"{what}: cannot load it ({e}); check data.source and data.config") from None
+    except Exception as e:  # network, missing hub id, malformed file: all fixable by the user
+        raise UserError(
+            f"{what}: cannot load it ({type(e).__name__}: {str(e)[:300]}); check the id, config and your network "
+            f"(offline? download it once or point data.source at a local file)"
+        ) from None
