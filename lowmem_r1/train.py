@@ -59,6 +59,10 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
 
     from trl import GRPOConfig
 
+    from .compat import patch_trl_for_cpu
+
+    patch_trl_for_cpu()
+
     config = GRPOConfig(**grpo_kwargs(recipe, run, weights), **backend.grpo_overrides(recipe))
     interrupt = Interrupt()
     display = progress.TrainingDisplay(recipe, run, console, start_step=_step_of(checkpoint))
@@ -71,7 +75,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
         train_dataset=splits.train,
         callbacks=[MetricsLog(run.metrics), display, interrupt],
     )
-    _write_info(run, recipe, backend.name, status="running", max_steps=recipe.training.max_steps)
+    _quiet_default_printers(trainer)
+    _write_info(run, recipe, backend.name, status="running", step=_step_of(checkpoint))
 
     with interrupt.installed(console), display:
         try:
@@ -205,9 +210,8 @@ def _write_info(run: RunDir, recipe: Recipe, backend: str, status: str, step: in
         status=status,
         global_step=step,
         max_steps=recipe.training.max_steps,
-        **extra,
     )
-    info.pop("seconds", None) if "seconds" not in extra else None
+    info.update(extra)
     atomic_write_json(run.info_file, info)
 
 
@@ -312,6 +316,14 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _quiet_default_printers(trainer) -> None:
+    """Our display replaces the Trainer's tqdm bar and raw log-dict printer."""
+    from transformers.trainer_callback import PrinterCallback, ProgressCallback
+
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
 
 
 def save_checkpoint_now(trainer) -> Path:
