@@ -1,0 +1,470 @@
+"""Merged Hugging Face folder -> GGUF, in pure Python (the `gguf` package), then read back and checked.
+
+No compiler, no network: llama.cpp's own converter needs a checkout of llama.cpp, and Unsloth's
+`save_pretrained_gguf` builds llama.cpp at run time. This file writes the same layout that llama.cpp's
+convert_hf_to_gguf.py writes for the llama, qwen2 and qwen3 architectures:
+
+- tensor names from gguf's TensorNameMap; an output layer tied to the embeddings is not written;
+- llama only: q_proj/k_proj rows permuted to llama.cpp's rotary layout (HF stores the two rotary
+  halves apart, GGML interleaves them); qwen2 has q/k/v biases; qwen3 has q_norm/k_norm;
+- 1-D tensors and norms stay F32; everything else in the file type, falling back to F16 for rows that
+  do not divide into quantization blocks (as llama.cpp does);
+- metadata: architecture hyperparameters, general.size_label, key/value length, file type, and the
+  tokenizer (BPE vocab, merges, token types, special ids, add_bos/add_eos, pre-tokenizer id, the chat
+  template - transformers 5 keeps it in chat_template.jinja).
+
+Tensors stream: the header is written from the shapes alone, then one tensor at a time is converted and
+appended, so memory stays at one tensor. k-quants (q4_k_m, ...) come from llama.cpp's `llama-quantize`
+applied to the F16 file, only when it is on PATH.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from .errors import UserError
+
+# Written in pure Python (gguf's quantizers reproduce ggml's reference rounding for these).
+PURE_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0",
+              "q4_0": "Q4_0", "q4_1": "Q4_1", "q5_0": "Q5_0", "q5_1": "Q5_1"}
+# Made by llama.cpp's llama-quantize from the F16 file.
+LLAMA_QUANTIZE_TYPES = {"q4_k_m": "Q4_K_M", "q4_k_s": "Q4_K_S", "q5_k_m": "Q5_K_M", "q5_k_s": "Q5_K_S",
+                        "q6_k": "Q6_K", "q3_k_m": "Q3_K_M", "q2_k": "Q2_K"}
+FILE_TYPES = {"f32": "ALL_F32", "f16": "MOSTLY_F16", "bf16": "MOSTLY_BF16", "q8_0": "MOSTLY_Q8_0",
+              "q4_0": "MOSTLY_Q4_0", "q4_1": "MOSTLY_Q4_1", "q5_0": "MOSTLY_Q5_0", "q5_1": "MOSTLY_Q5_1"}
+BITS = {"f32": 32, "f16": 16, "bf16": 16, "q8_0": 8.5, "q4_0": 4.5, "q4_1": 5, "q5_0": 5.5, "q5_1": 6,
+        "q6_k": 6.6, "q5_k_m": 5.7, "q5_k_s": 5.5, "q4_k_m": 4.9, "q4_k_s": 4.6, "q3_k_m": 3.9, "q2_k": 3.4}
+
+ARCHS = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA",
+         "Qwen2ForCausalLM": "QWEN2", "Qwen3ForCausalLM": "QWEN3"}
+
+# llama.cpp names the BPE pre-tokenizer by hashing the token ids of this text (its
+# convert_hf_to_gguf_update.py); the hashes of the tokenizers this toolkit trains are listed here.
+_CHKTXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'  # noqa: E501
+_PRE_BY_HASH = {
+    "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
+    "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
+    "d4540891389ea895b53b399da6ac824becc30f2fba0e9ddbb98f92e55ca0e97c": "qwen2",
+    "b3f499bb4255f8ca19fccd664443283318f2fd2414d5e0b040fbdd0cc195d6c5": "deepseek-r1-qwen",
+    "0ef9807a4087ebef797fc749390439009c3b9eda9ad1a097abbe738f486c01e5": "llama-bpe",
+    "3ce83efda5659b07b1ad37ca97ca5797ea4285d9b9ab0dc679e4a720c9da7454": "gpt-2",
+}
+
+
+def parse_types(spec: list[str] | str | None) -> list[str]:
+    """`--gguf f16,q8_0` -> ["f16", "q8_0"]; unknown types and k-quants without llama-quantize fail here,
+    before any work is done."""
+    if not spec:
+        return []
+    items = spec if isinstance(spec, (list, tuple)) else [spec]
+    types = [t.strip().lower() for item in items for t in str(item).split(",") if t.strip()]
+    for t in types:
+        if t not in PURE_TYPES and t not in LLAMA_QUANTIZE_TYPES:
+            raise UserError(f"--gguf {t}: unknown GGUF type; use {', '.join(PURE_TYPES)} "
+                            f"or, with llama.cpp's llama-quantize on PATH, {', '.join(LLAMA_QUANTIZE_TYPES)}")
+        if t in LLAMA_QUANTIZE_TYPES and llama_quantize() is None:
+            raise UserError(
+                f"--gguf {t}: k-quants are made by llama.cpp's `llama-quantize`, which is not on PATH. Install "
+                "llama.cpp (e.g. `brew install llama.cpp`, a release from github.com/ggml-org/llama.cpp/releases, "
+                "or build it: cmake -B build && cmake --build build -t llama-quantize) and put llama-quantize "
+                f"on PATH (or set LLAMA_QUANTIZE=/path/to/llama-quantize); or pick a pure-Python type: "
+                f"{', '.join(PURE_TYPES)}")
+    return list(dict.fromkeys(types))
+
+
+def llama_quantize() -> str | None:
+    return os.environ.get("LLAMA_QUANTIZE") or shutil.which("llama-quantize")
+
+
+def estimate_size(model_bytes: int, dtype: str, qtype: str) -> int:
+    """Rough GGUF size from the merged model's size, for the free-space check."""
+    per = {"float32": 32, "bfloat16": 16, "float16": 16}[dtype]
+    return int(model_bytes * BITS[qtype] / per) + (16 << 20)
+
+
+# --------------------------------------------------------------------------------------------------
+# layout
+
+
+def _permute(w, n_head: int):
+    """HF rotary layout -> GGML's: within each head, interleave the two halves of the rotary dims."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tensor_type(gguf, gname: str, shape: list[int], qtype: str):
+    T = gguf.GGMLQuantizationType
+    if len(shape) <= 1 or gname.endswith("_norm.weight") or not gname.endswith(".weight"):
+        return T.F32
+    want = getattr(T, PURE_TYPES[qtype])
+    block = gguf.GGML_QUANT_SIZES[want][0]
+    if shape[-1] % block != 0:
+        return T.F16  # llama.cpp falls back the same way
+    return want
+
+
+def _convert(gguf, t, ttype):
+    """torch tensor -> numpy array of the bytes/values gguf writes for this ggml type."""
+    import numpy as np
+    import torch
+
+    T = gguf.GGMLQuantizationType
+    if ttype == T.F32:
+        return t.to(torch.float32).numpy()
+    if ttype == T.F16:
+        return t.to(torch.float32).numpy().astype(np.float16)
+    if ttype == T.BF16:  # torch rounds to nearest even, like ggml_compute_fp32_to_bf16
+        return t.to(torch.float32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8) \
+            .reshape(*t.shape[:-1], t.shape[-1] * 2)
+    return gguf.quants.quantize(t.to(torch.float32).numpy(), ttype)
+
+
+def _rope_metadata(writer, gguf, cfg: dict) -> list:
+    """RoPE scaling keys; llama3-type scaling becomes a rope_freqs tensor (as llama.cpp writes it)."""
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta"))
+    if theta is not None:
+        writer.add_rope_freq_base(float(theta))
+    rtype = (rope.get("rope_type") or rope.get("type") or "default").lower()
+    extra = []
+    if rtype in ("default", "none"):
+        pass
+    elif rtype == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rtype == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+        writer.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    elif rtype == "llama3":
+        import torch
+
+        dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+        freqs = 1.0 / (float(theta) ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+        factor, lo, hi = rope.get("factor", 8.0), rope.get("low_freq_factor", 1.0), rope.get("high_freq_factor", 4.0)
+        old = rope.get("original_max_position_embeddings", 8192)
+        factors = []
+        for f in freqs.tolist():
+            wavelen = 2 * math.pi / f
+            if wavelen < old / hi:
+                factors.append(1.0)
+            elif wavelen > old / lo:
+                factors.append(factor)
+            else:
+                smooth = (old / wavelen - lo) / (hi - lo)
+                factors.append(1 / ((1 - smooth) / factor + smooth))
+        extra.append(("rope_freqs.weight", torch.tensor(factors, dtype=torch.float32)))
+    else:
+        raise UserError(f"config.json rope type {rtype!r}: not supported by this GGUF exporter "
+                        "(default, linear, yarn, llama3 are)")
+    return extra
+
+
+def _vocab(writer, gguf, model_dir: Path, vocab_size: int, log) -> dict:
+    """Tokens, token types, merges, special ids, add_bos/add_eos and the chat template."""
+    from transformers import AutoTokenizer
+
+    tok_json = model_dir / "tokenizer.json"
+    if not tok_json.is_file() or json.loads(tok_json.read_text()).get("model", {}).get("type") != "BPE":
+        raise UserError(f"{model_dir}: GGUF export supports byte-level BPE tokenizers (tokenizer.json, as "
+                        "SmolLM2, Llama 3 and Qwen use); this model's tokenizer is not one")
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    vocab = tok.get_vocab()
+    if max(vocab.values()) >= vocab_size:
+        raise UserError(f"{model_dir}: tokenizer has ids up to {max(vocab.values())} but the model's vocab_size "
+                        f"is {vocab_size}; the embedding was not resized to the tokenizer")
+    reverse = {i: t for t, i in vocab.items()}
+    added = tok.get_added_vocab()
+    decoder = tok.added_tokens_decoder
+    tokens, types = [], []
+    TT = gguf.TokenType
+    for i in range(vocab_size):
+        if i not in reverse:
+            tokens.append(f"[PAD{i}]")
+            types.append(TT.UNUSED)
+            continue
+        t = reverse[i]
+        if t in added:
+            special = decoder[i].special or (t.startswith("<|") and t.endswith("|>"))
+            types.append(TT.CONTROL if special else TT.USER_DEFINED)
+        else:
+            types.append(TT.NORMAL)
+        tokens.append(t)
+    chkhsh = hashlib.sha256(str(tok.encode(_CHKTXT)).encode()).hexdigest()
+    pre = _PRE_BY_HASH.get(chkhsh)
+    if pre is None:
+        pre = "default"
+        log(f"  warning: pre-tokenizer not recognised (hash {chkhsh[:12]}); wrote 'default' - llama.cpp may "
+            "split some text differently from transformers")
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    # Say explicitly whether BOS/EOS are added, from what the tokenizer really does.
+    ids = tok("a")["input_ids"]
+    special.add_special_token["bos"] = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
+    special.add_special_token["eos"] = tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]
+    if tok.eos_token_id is not None:  # the tokenizer's eos (the end-of-turn token for chat models) wins
+        special.special_token_ids["eos"] = tok.eos_token_id
+    special.add_to_gguf(writer, quiet=True)
+    if special.chat_template is None:
+        log("  warning: no chat template found; llama.cpp and Ollama will fall back to a guess")
+    return {"pre": pre, "chat_template": special.chat_template, "eos": tok.eos_token_id}
+
+
+@dataclass
+class GGUFReport:
+    path: Path
+    qtype: str
+    tensors: int
+    bytes: int
+    seconds: float
+    types: dict = field(default_factory=dict)  # ggml type name -> count
+    check: str = ""
+
+
+def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = True,
+           log: Callable[[str], None] = print, name: str | None = None) -> GGUFReport:
+    """One GGUF file of `qtype` from a merged (plain) Hugging Face folder; `name` goes into general.name."""
+    qtype = parse_types(qtype)[0]
+    if qtype in LLAMA_QUANTIZE_TYPES:
+        return _export_kquant(model_dir, out_path, qtype, verify, log, name)
+    import gguf
+    import numpy as np
+
+    from .merge import checkpoint_shards, iter_tensors, read_header
+
+    t0 = time.perf_counter()
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    hf_arch = (cfg.get("architectures") or ["?"])[0]
+    if hf_arch not in ARCHS:
+        raise UserError(f"{model_dir}/config.json: architecture {hf_arch}; GGUF export supports "
+                        f"{', '.join(sorted(set(ARCHS)))}")
+    arch = getattr(gguf.MODEL_ARCH, ARCHS[hf_arch])
+    n_layers, n_head = cfg["num_hidden_layers"], cfg["num_attention_heads"]
+    n_kv = cfg.get("num_key_value_heads", n_head)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head
+    tname = gguf.get_tensor_name_map(arch, n_layers)
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    is_llama = ARCHS[hf_arch] == "LLAMA"
+
+    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
+    extra = _rope_metadata(writer, gguf, cfg)
+
+    # Pass 1, headers only: what goes into the file, with which type and size.
+    plan = []  # (gguf name, shard, hf name, shape, ggml type)
+    n_params = 0
+    for name, t in extra:
+        plan.append((name, None, t, list(t.shape), gguf.GGMLQuantizationType.F32))
+    for shard in checkpoint_shards(model_dir):
+        header, _ = read_header(shard)
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+                continue
+            gname = tname.get_name(name, try_suffixes=(".weight", ".bias"))
+            if gname is None:
+                raise UserError(f"{shard.name}: tensor {name} has no GGUF name for {hf_arch}; not exportable")
+            shape = entry["shape"]
+            plan.append((gname, shard, name, shape, _tensor_type(gguf, gname, shape, qtype)))
+            n_params += math.prod(shape)
+    for gname, _, _, shape, ttype in plan:
+        if ttype == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor_info(gname, shape, np.dtype(np.float32), 4 * math.prod(shape))
+        elif ttype == gguf.GGMLQuantizationType.F16:
+            writer.add_tensor_info(gname, shape, np.dtype(np.float16), 2 * math.prod(shape))
+        else:
+            byte_shape = gguf.quant_shape_to_byte_shape(shape, ttype)
+            writer.add_tensor_info(gname, byte_shape, np.dtype(np.uint8), math.prod(byte_shape), raw_dtype=ttype)
+
+    # Metadata, as llama.cpp's converter writes it.
+    writer.add_type(gguf.GGUFType.MODEL)
+    writer.add_name(name or Path(model_dir).resolve().name)
+    writer.add_size_label(gguf.size_label(n_params, 0, 0, 0))
+    writer.add_block_count(n_layers)
+    writer.add_context_length(cfg.get("max_position_embeddings", 2048))
+    writer.add_embedding_length(cfg["hidden_size"])
+    writer.add_feed_forward_length(cfg["intermediate_size"])
+    writer.add_head_count(n_head)
+    writer.add_head_count_kv(n_kv)
+    writer.add_layer_norm_rms_eps(float(cfg.get("rms_norm_eps", 1e-6)))
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+    writer.add_file_type(getattr(gguf.LlamaFileType, FILE_TYPES[qtype]))
+    if is_llama:
+        writer.add_vocab_size(cfg["vocab_size"])
+        writer.add_rope_dimension_count(head_dim)
+    vocab_info = _vocab(writer, gguf, model_dir, cfg["vocab_size"], log)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+    # Pass 2: stream the tensors in plan order.
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    counts: dict[str, int] = {}
+    try:
+        writer.write_header_to_file(tmp)
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for gname, shard, t, shape, ttype in plan:  # extra tensors first, then shard by shard
+            if shard is None:
+                writer.write_tensor_data(_convert(gguf, t, ttype))
+                counts[ttype.name] = counts.get(ttype.name, 0) + 1
+        for shard in dict.fromkeys(p[1] for p in plan if p[1] is not None):
+            wanted = {p[2]: p for p in plan if p[1] == shard}
+            for name, t in iter_tensors(shard):  # same file order as the plan
+                if name not in wanted:
+                    continue  # a tied lm_head or a rotary buffer
+                gname, _, _, _, ttype = wanted[name]
+                if is_llama and name.endswith(("q_proj.weight", "q_proj.bias")):
+                    t = _permute(t, n_head)
+                elif is_llama and name.endswith(("k_proj.weight", "k_proj.bias")):
+                    t = _permute(t, n_kv)
+                writer.write_tensor_data(_convert(gguf, t, ttype))
+                counts[ttype.name] = counts.get(ttype.name, 0) + 1
+        writer.close()
+        os.replace(tmp, out_path)
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    report = GGUFReport(out_path, qtype, len(plan), out_path.stat().st_size, time.perf_counter() - t0, counts)
+    log(f"wrote {out_path.name}: {len(plan)} tensors {counts}, {report.bytes / 1e6:.0f} MB in {report.seconds:.1f}s"
+        f" (pre-tokenizer {vocab_info['pre']})")
+    if verify:
+        report.check = verify_gguf(out_path, model_dir, qtype, expected={p[0]: p[4].name for p in plan})
+        log(f"  {report.check}")
+    return report
+
+
+def _export_kquant(model_dir: Path, out_path: Path, qtype: str, verify: bool, log, name) -> GGUFReport:
+    """F16 file (temporary unless it already exists beside) -> llama-quantize -> qtype."""
+    exe = llama_quantize()
+    if exe is None:
+        parse_types(qtype)  # raises the install message
+    t0 = time.perf_counter()
+    f16 = out_path.with_name("model-f16.gguf")
+    made = not f16.is_file()
+    if made:
+        export(model_dir, f16, "f16", verify=False, log=log, name=name)
+    tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        proc = subprocess.run([exe, str(f16), str(tmp), LLAMA_QUANTIZE_TYPES[qtype]], capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise UserError(f"llama-quantize {LLAMA_QUANTIZE_TYPES[qtype]} failed (exit {proc.returncode}): "
+                            f"{proc.stderr.strip()[-400:]}", exit_code=1)
+        os.replace(tmp, out_path)
+    finally:
+        tmp.unlink(missing_ok=True)
+        if made:
+            f16.unlink(missing_ok=True)
+    report = GGUFReport(out_path, qtype, 0, out_path.stat().st_size, time.perf_counter() - t0)
+    log(f"wrote {out_path.name} with llama-quantize, {report.bytes / 1e6:.0f} MB in {report.seconds:.1f}s")
+    if verify:
+        report.check = verify_gguf(out_path, model_dir, qtype)
+        log(f"  {report.check}")
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# verification
+
+# Max |logit diff| vs the merged model, and the share of probe positions whose top token must agree.
+GGUF_TOL = {"f32": (1e-3, 1.0), "f16": (0.5, 0.95), "bf16": (1.5, 0.9), "q8_0": (2.0, 0.9)}
+DEFAULT_TOL = (8.0, 0.6)  # 4-6 bit types: a sanity bound, not a quality claim
+
+
+def read_back(path: Path) -> dict:
+    """What the gguf reader sees: tensor names -> type names, metadata values we care about."""
+    import gguf
+
+    r = gguf.GGUFReader(str(path))
+
+    def value(key):
+        f = r.get_field(key)
+        return None if f is None else f.contents()
+
+    arch = value("general.architecture")
+    return {
+        "tensors": {t.name: t.tensor_type.name for t in r.tensors},
+        "arch": arch,
+        "chat_template": value("tokenizer.chat_template"),
+        "eos": value("tokenizer.ggml.eos_token_id"),
+        "bos": value("tokenizer.ggml.bos_token_id"),
+        "add_bos": value("tokenizer.ggml.add_bos_token"),
+        "n_tokens": len(value("tokenizer.ggml.tokens") or []),
+        "size_label": value("general.size_label"),
+        "key_length": value(f"{arch}.attention.key_length"),
+        "value_length": value(f"{arch}.attention.value_length"),
+    }
+
+
+def verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None = None) -> str:
+    """Read the file back (names, types, metadata) and run it through transformers' GGUF loader:
+    logits and greedy tokens against the merged model. Raises on a mismatch; returns a summary line."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    from .merge import PROBES
+
+    hf_logging.disable_progress_bar()  # the GGUF loader's per-tensor bar would flood the merge log
+
+    path, model_dir = Path(path), Path(model_dir)
+    info = read_back(path)
+    cfg = json.loads((model_dir / "config.json").read_text())
+    problems = []
+    if expected is not None and info["tensors"] != expected:
+        missing = set(expected) - set(info["tensors"])
+        wrong = {k for k in expected if k in info["tensors"] and info["tensors"][k] != expected[k]}
+        problems.append(f"tensors differ (missing {sorted(missing)[:3]}, wrong type {sorted(wrong)[:3]})")
+    if cfg.get("tie_word_embeddings") and "output.weight" in info["tensors"]:
+        problems.append("output.weight written although the embeddings are tied")
+    tpl_file = model_dir / "chat_template.jinja"
+    if tpl_file.is_file() and info["chat_template"] != tpl_file.read_text():
+        problems.append("tokenizer.chat_template differs from chat_template.jinja")
+    if info["n_tokens"] != cfg["vocab_size"]:
+        problems.append(f"{info['n_tokens']} tokens, config vocab_size {cfg['vocab_size']}")
+    if problems:
+        raise UserError(f"{path}: GGUF read-back failed: {'; '.join(problems)}", exit_code=1)
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    inputs = [tok(p, return_tensors="pt")["input_ids"] for p in PROBES]
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 5?"}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)["input_ids"] \
+        if tok.chat_template else inputs[0]
+
+    def run(model):
+        with torch.no_grad():
+            logits = [model(input_ids=ids).logits.float()[0] for ids in inputs]
+            greedy = model.generate(chat, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
+                                    or tok.eos_token_id)[0, chat.shape[1]:].tolist()
+        return logits, greedy
+
+    ref_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    ref, ref_greedy = run(ref_model.eval())
+    del ref_model
+    gc.collect()
+    g_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    got, got_greedy = run(g_model.eval())
+    del g_model
+    gc.collect()
+
+    diff = max(float((a - b).abs().max()) for a, b in zip(ref, got))
+    agree = sum(int((a.argmax(-1) == b.argmax(-1)).sum()) for a, b in zip(ref, got)) / sum(a.shape[0] for a in ref)
+    tol, min_agree = GGUF_TOL.get(qtype, DEFAULT_TOL)
+    line = (f"GGUF check: {len(info['tensors'])} tensors read back; transformers' GGUF loader vs merged model: "
+            f"max |logit diff| {diff:.2e} (tolerance {tol:g}), top-1 agreement {agree:.0%}, greedy tokens "
+            f"{'identical' if got_greedy == ref_greedy else 'differ'}")
+    if diff > tol or agree < min_agree or (qtype == "f32" and got_greedy != ref_greedy):
+        raise UserError(f"{path}: {line}", exit_code=1)
+    return line
