@@ -98,9 +98,70 @@ def data_preview(
     print(preview(load_recipe(recipe, set_ or []), n=n))
 
 
+# --- plan / doctor (GPU) ----------------------------------------------------------------------------
+
+
+@app.command()
+def plan(
+    recipe: Path = typer.Argument(..., help="Recipe TOML file."),
+    gpu_memory: Optional[float] = typer.Option(
+        None, "--gpu-memory", help="Card memory in GiB (default: the detected GPU, else 24)."
+    ),
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Estimate peak GPU memory from the model's config (no weights downloaded): breakdown, verdict, and
+    the largest num_generations / max_completion_length that fit."""
+    from .plan import make_plan, print_plan
+    from .recipe import load_recipe
+
+    print_plan(make_plan(load_recipe(recipe, set_ or []), gpu_memory))
+
+
+@app.command()
+def doctor(
+    recipe: Optional[Path] = typer.Argument(None, help="Also check that this recipe can run here."),
+    set_: Optional[List[str]] = SetOpt,
+) -> None:
+    """Check Python, torch, the GPU, library versions, backend choice and disk; exit 1 if something is red."""
+    from .doctor import doctor as run_doctor
+
+    raise typer.Exit(run_doctor(str(recipe) if recipe else None, set_ or []))
+
+
+# --- merge / GGUF export ----------------------------------------------------------------------------
+
+
+@app.command()
+def merge(
+    target: Optional[str] = typer.Argument(
+        None, help="Run directory or adapter folder (default: the newest run in runs/)."
+    ),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one the run recorded)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN_DIR/merged)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: the base's dtype)."),
+    gguf: Optional[List[str]] = typer.Option(
+        None, "--gguf", help="Also write GGUF files: f16,bf16,f32,q8_0 (pure Python); q4_k_m,q5_k_m,q6_k "
+        "need llama-quantize on PATH. Comma-separated or repeated."
+    ),
+    ollama: bool = typer.Option(False, "--ollama", help="Write an Ollama Modelfile next to the GGUF."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
+) -> None:
+    """Merge a LoRA adapter into its 16-bit base (verified against peft), optionally export GGUF + Modelfile."""
+    from .merge import merge as run_merge
+
+    result = run_merge(target, base=base, out=out, dtype=dtype, gguf=gguf, ollama=ollama, force=force)
+    print(f"merged model: {result.out}")
+    for g in result.ggufs:
+        print(f"GGUF: {g.path}  (llama.cpp: llama-cli -m {g.path} --jinja)")
+    if result.modelfile:
+        print(f"Ollama: cd {result.out} && ollama create my-model -f Modelfile && ollama run my-model")
+
+
 def main() -> None:
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns a typer.Exit's code here instead of raising it
+        if isinstance(code, int) and code:
+            sys.exit(code)
     except UserError as e:
         if _DEBUG:
             raise
