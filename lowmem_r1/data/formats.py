@@ -106,7 +106,7 @@ def write_answer(fmt: str, reasoning: str, answer: str) -> str:
     """A completion in format `fmt` with this reasoning and final answer."""
     reasoning = reasoning.strip() or "Let me work it out."
     if fmt == "r1":
-        return f"<think>\n{reasoning}\n</think>\n<answer>{answer}</answer>"
+        return f"<think>\n{reasoning}\n</think>\n<answer>\n{answer}\n</answer>"
     if fmt == "xml":
         return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
     if fmt == "boxed":
