@@ -157,6 +157,75 @@ def merge(
         print(f"Ollama: cd {result.out} && ollama create my-model -f Modelfile && ollama run my-model")
 
 
+# --- chat / eval / report ---------------------------------------------------------------------------
+
+EngineOpt = typer.Option("auto", "--engine", help="auto | hf | unsloth | vllm (auto: vLLM/Unsloth on a GPU).")
+
+
+@app.command()
+def chat(
+    model: Optional[str] = typer.Argument(
+        None, help="Run directory, merged folder, .gguf file, hub id or builtin alias (default: the newest in runs/)."
+    ),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer once and exit: the answer alone on stdout."),
+    compare: Optional[str] = typer.Option(
+        None, "--compare", help="Ask a second model too, side by side (alone: the run's base model).",
+        is_flag=False, flag_value="",
+    ),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the run's trained one)."),
+    think: bool = typer.Option(True, "--think/--no-think", help="Show the <think>/<reasoning> part (dimmed)."),
+    temperature: float = typer.Option(0.6, "--temperature", "-t", min=0, help="0 = greedy."),
+    top_p: float = typer.Option(0.95, "--top-p", min=0, max=1),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", "-n", min=1),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    engine: str = EngineOpt,
+) -> None:
+    """Talk to a model: tokens stream as generated, reasoning dimmed and apart. /reset /system /think /exit."""
+    from .chat import ChatOptions, chat as run_chat
+    from .inference import Sampling
+
+    opts = ChatOptions(Sampling(temperature, top_p, max_new_tokens, seed), system=system, think=think, engine=engine)
+    raise typer.Exit(run_chat(model, opts, prompt=prompt, compare=compare))
+
+
+@app.command("eval")
+def eval_(
+    target: str = typer.Argument(..., help="Run directory, recipe .toml, or a model (with --data and --task)."),
+    baseline: bool = typer.Option(False, "--baseline", help="Also score the base model; print the difference."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model to score on a recipe's eval split."),
+    data: Optional[str] = typer.Option(None, "--data", help="Eval file (jsonl/json/parquet/csv) or hub dataset."),
+    task: Optional[str] = typer.Option(None, "--task", help="arithmetic | gsm8k | countdown | math | generic."),
+    reward: Optional[List[str]] = typer.Option(None, "--reward", help="Score these rewards instead (repeatable)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Prompts to score (default: eval.size)."),
+    samples: int = typer.Option(1, "--samples", "-k", min=1, help="Samples per prompt: pass@k and maj@k."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", min=0, help="Default: greedy (k=1)."),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=1, help="Completions per batch."),
+    seed: int = typer.Option(0, "--seed"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Results folder (default: RUN_DIR/eval/<time>)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    engine: str = EngineOpt,
+) -> None:
+    """Score a model on held-out prompts: strict and lenient accuracy, each reward, length (+ base model)."""
+    from .evaluate import EvalSettings, evaluate
+
+    settings = EvalSettings(samples=samples, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                            temperature=temperature, seed=seed, baseline=baseline, engine=engine, out=out,
+                            force=force)
+    evaluate(target, settings, model=model, data=data, task=task, rewards=reward or None)
+
+
+@app.command()
+def report(
+    run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest in runs/)."),
+    samples: int = typer.Option(2, "--samples", min=0, help="Sample completions shown from the start and the end."),
+) -> None:
+    """Plot a run's curves to RUN_DIR/report/*.png and summarize it (works while training runs)."""
+    from .report import report as run_report
+
+    run_report(run_dir, per_end=samples)
+
+
 def main() -> None:
     try:
         code = app(standalone_mode=False)  # click returns a typer.Exit's code here instead of raising it
