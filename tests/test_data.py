@@ -226,3 +226,19 @@ def test_preview_shows_the_rendered_prompt_and_lengths(tokenizer):
     assert rendered in text
     assert "answer: " + first["answer"] in text
     assert "<reasoning>" in text and "over data.max_prompt_length = 256: 0 of 40" in text
+
+
+def test_a_template_bos_is_not_doubled_when_the_tokenizer_adds_one():
+    from lowmem_r1.data.splits import _strip_double_bos
+
+    class Tok:  # a Llama / R1-Distill style tokenizer: the template writes BOS and encoding adds it again
+        bos_token, bos_token_id = "<s>", 1
+
+        def __init__(self, adds: bool):
+            self.adds = adds
+
+        def __call__(self, text):
+            return {"input_ids": ([1] if self.adds else []) + [5]}
+
+    assert _strip_double_bos("<s>[INST] hi", Tok(adds=True)) == "[INST] hi"
+    assert _strip_double_bos("<s>[INST] hi", Tok(adds=False)) == "<s>[INST] hi"

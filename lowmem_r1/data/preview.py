@@ -25,7 +25,7 @@ def load_tokenizer(model):
     try:
         return AutoTokenizer.from_pretrained(path, revision=model.revision, trust_remote_code=model.trust_remote_code)
     except Exception as e:
-        raise UserError(f"model.name {model.name}: cannot load its tokenizer ({type(e).__name__}: {str(e)[:200]}); "
+        raise UserError(f"model.name {model.name}: cannot load its tokenizer ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
                         f"download the model once or pass --set model.name=<local folder>") from None
 
 

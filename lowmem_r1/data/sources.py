@@ -67,6 +67,6 @@ def _load(name: str, config: str | None, split: str, what: str, **kwargs):
         raise UserError(f"{what}: cannot load it ({e}); check data.source and data.config") from None
     except Exception as e:  # network, missing hub id, malformed file: all fixable by the user
         raise UserError(
-            f"{what}: cannot load it ({type(e).__name__}: {str(e)[:300]}); check the id, config and your network "
+            f"{what}: cannot load it ({type(e).__name__}: {' '.join(str(e).split())[:300]}); check the id, config and your network "
             f"(offline? download it once or point data.source at a local file)"
         ) from None
