@@ -242,3 +242,17 @@ def test_a_template_bos_is_not_doubled_when_the_tokenizer_adds_one():
 
     assert _strip_double_bos("<s>[INST] hi", Tok(adds=True)) == "[INST] hi"
     assert _strip_double_bos("<s>[INST] hi", Tok(adds=False)) == "<s>[INST] hi"
+
+
+def test_template_typos_in_generated_tasks_fail_before_loading():
+    from lowmem_r1.data import check_prompt
+
+    ok = make({"source": "builtin:countdown", "task": "countdown"}, {"user": "{nums} -> {target}"},
+              [{"name": "countdown_equation"}])
+    check_prompt(ok)
+    bad = make({"source": "builtin:countdown", "task": "countdown"}, {"user": "{numbers} -> {target}"},
+               [{"name": "countdown_equation"}])
+    with pytest.raises(UserError, match=r"x.toml: prompt.user: placeholder \{numbers\}"):
+        check_prompt(bad, "x.toml")
+    with pytest.raises(UserError, match="eval_size"):
+        load_splits(make({"generator": {"n": 10}, "eval_split": "test"}))

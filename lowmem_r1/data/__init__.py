@@ -27,8 +27,33 @@ def task_columns(data) -> set[str] | None:
     return set(TASK_COLUMNS[data.task])
 
 
+RAW_COLUMNS: dict[str, tuple[str, ...]] = {
+    "arithmetic": ("question", "answer"),
+    "gsm8k": ("question", "answer"),
+    "countdown": ("nums", "target"),
+    "math": ("problem", "solution"),
+}
+"""Columns the rows of each task's usual source have (its hub dataset, its generator)."""
+
+
+def check_prompt(recipe, source: str = "<recipe>") -> None:
+    """Fail at validation time, not at data loading, on a user template naming a column a generated task
+    lacks. Instant: no data is read; files and hub datasets may have more columns, so they are checked
+    when loaded."""
+    from .formats import check_template
+
+    if recipe.prompt.user is None or not recipe.data.source.startswith("builtin:") or recipe.data.task == "generic":
+        return
+    fields = sorted(set(RAW_COLUMNS[recipe.data.task]) | set(TASK_COLUMNS[recipe.data.task]))
+    try:
+        check_template(recipe.prompt.user, fields)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
+
+
+from ..errors import UserError  # noqa: E402
 from .formats import SYSTEM_PRESETS, answer_format, gold_completion  # noqa: E402
 from .splits import Splits, load_splits  # noqa: E402
 
-__all__ = ["TASK_COLUMNS", "task_columns", "SYSTEM_PRESETS", "answer_format", "gold_completion", "Splits",
+__all__ = ["TASK_COLUMNS", "RAW_COLUMNS", "task_columns", "check_prompt", "SYSTEM_PRESETS", "answer_format", "gold_completion", "Splits",
            "load_splits"]

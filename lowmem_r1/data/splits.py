@@ -63,6 +63,8 @@ def prepare(recipe, tokenizer=None):
         from pathlib import Path
 
         is_file = Path(data.eval_split).expanduser().is_file()
+        if data.source.startswith("builtin:") and not is_file:
+            raise UserError(f"data.eval_split: {data.source} has no named splits; hold out rows with data.eval_size")
         raw_eval = load_file(data.eval_split) if is_file else load_source(data, data.eval_split)
         if data.shuffle:
             raw_eval = raw_eval.shuffle(seed=data.seed, keep_in_memory=True)
