@@ -7,6 +7,7 @@ safety argument lives in one place.
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from typing import Any
@@ -24,6 +25,10 @@ OPEN_TAGS = ("<think>", "<reasoning>", "<answer>")
 
 def completion_text(completion: Any) -> str:
     """The completion as one string: TRL gives a str (standard) or a list of messages (conversational)."""
+    if type(completion) is list and len(completion) == 1:  # the common conversational case, fast
+        m = completion[0]
+        if type(m) is dict and type(m.get("content")) is str and m.get("role", "assistant") == "assistant":
+            return m["content"]
     if completion is None:
         return ""
     if isinstance(completion, str):
@@ -89,14 +94,22 @@ def assistant_prefix(prompt: Any) -> str:
 
 
 def batch(prompts: Any, completions: Any) -> tuple[list[str], list[str]]:
-    """(texts, prefixes), one per completion; prefixes are the prompts' opened tags (or "")."""
+    """(texts, prefixes), one per completion; prefixes are the prompts' opened tags (or "").
+
+    Hot path of every reward: GRPO repeats each prompt G times in a batch, so each distinct prompt object
+    is looked at once."""
     if not isinstance(completions, (list, tuple)):
         return [], []
     texts = [completion_text(c) for c in completions]
-    if isinstance(prompts, (list, tuple)) and len(prompts) == len(texts):
-        prefixes = [assistant_prefix(p) for p in prompts]
-    else:
-        prefixes = [""] * len(texts)
+    if not isinstance(prompts, (list, tuple)) or len(prompts) != len(texts):
+        return texts, [""] * len(texts)
+    seen: dict[int, str] = {}
+    prefixes = []
+    for p in prompts:
+        v = seen.get(id(p))
+        if v is None:
+            v = seen[id(p)] = assistant_prefix(p)
+        prefixes.append(v)
     return texts, prefixes
 
 
@@ -173,18 +186,15 @@ _NUMBER = re.compile(r"[-+−]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|
 def last_number(text: str) -> str | None:
     """The last number in the text ("1,000", "-3.5", ".5"), as written, or None.
 
-    Searches a growing tail so that a long completion costs little when its number is near the end."""
-    n = len(text)
-    for window in (256, 8192, n):
-        start = max(0, n - window)
-        last = None
-        for last in _NUMBER.finditer(text, start):
-            pass
-        if last is not None and (last.start() > start or start == 0):
-            return last.group()
-        if start == 0:
-            break
-    return None
+    Finds the last digit with str.rfind (fast even on megabytes), then reads the number that ends there
+    from a short window before it."""
+    end = max(text.rfind(d) for d in "0123456789")
+    if end < 0:
+        return None
+    last = None
+    for last in _NUMBER.finditer(text, max(0, end - 300), end + 1):
+        pass
+    return last.group() if last is not None else None
 
 
 EXTRACT_MODES = ("auto", "tag", "boxed", "last_number")
@@ -255,6 +265,12 @@ def parse_number(s: Any) -> float | None:
         return float(s) if math.isfinite(s) else None
     if not isinstance(s, str) or not s or len(s) > 100:
         return None
+    return _parse_number_text(s)
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse_number_text(s: str) -> float | None:
+    # Cached: GRPO compares G completions with one gold, and short answers repeat.
     s = _unwrap(s)
     if "####" in s:  # raw GSM8K answer column: the final number follows ####
         s = s.rsplit("####", 1)[1].strip()
@@ -294,6 +310,8 @@ def answers_equal(pred: Any, gold: Any) -> bool:
     """As numbers when both are numbers, else as normalised text."""
     if pred is None or gold is None:
         return False
+    if type(pred) is str and pred == gold and pred.strip():
+        return True
     p, g = parse_number(pred), parse_number(gold)
     if p is not None and g is not None:
         return numbers_equal(p, g)

@@ -1,45 +1,38 @@
 """Format rewards: does the completion have the shape the recipe asked for?
 
 `think_format` is the R1-Zero form (<think>..</think><answer>..</answer>, countdown and NuminaMath seeds);
-the `xml_*` rewards are the <reasoning>/<answer> family of the GSM8K GRPO recipes. Shapes are checked by
-tokenising the tags with one linear scan instead of a whole-string regex with lazy `.*?` groups, which
-backtracks quadratically on texts full of tags.
+the `xml_*` rewards are the <reasoning>/<answer> family of the GSM8K GRPO recipes. Shapes are checked with
+str methods (startswith, count, find: linear, C speed) instead of a whole-string regex with lazy `.*?`
+groups, which backtracks quadratically on texts full of tags.
 """
 
 from __future__ import annotations
 
-import re
-
 from .extract import batch
 from .registry import register
 
-_THINK_TAGS = re.compile(r"</?(?:think|answer)>")
-_XML_TAGS = re.compile(r"</?(?:reasoning|answer)>")
-
-
-def _shape(text: str, tag_re: re.Pattern, first: str, second: str, newlines: bool) -> bool:
-    """text == <first>A</first> ws <second>B</second> ws, with no other such tags inside; with `newlines`,
-    each tag sits on its own line exactly as the strict seeds write it."""
-    tags = []
-    for m in tag_re.finditer(text):
-        tags.append(m)
-        if len(tags) > 4:
-            return False
-    want = [f"<{first}>", f"</{first}>", f"<{second}>", f"</{second}>"]
-    if [m.group() for m in tags] != want:
+def _shape(text: str, first: str, second: str, newlines: bool) -> bool:
+    """text == <first>A</first> ws <second>B</second> (surrounding whitespace allowed), each tag exactly
+    once; with `newlines`, each tag on its own line as the strict seeds write it. Only str methods (C
+    speed, linear): no regex that could backtrack."""
+    o1, c1, o2, c2 = f"<{first}>", f"</{first}>", f"<{second}>", f"</{second}>"
+    s = text.strip()
+    if not (s.startswith(o1) and s.endswith(c2)):
         return False
-    o1, c1, o2, c2 = tags
-    if text[:o1.start()].strip() or text[c1.end():o2.start()].strip() or text[c2.end():].strip():
+    if s.count(o1) != 1 or s.count(c1) != 1 or s.count(o2) != 1 or s.count(c2) != 1:
+        return False
+    i, j = s.find(c1), s.find(o2)
+    if not len(o1) <= i < j <= len(s) - len(c2) - len(o2) or s[i + len(c1):j].strip():
         return False
     if newlines:
-        return o1.start() == 0 and _lines(text, o1, c1) and text[c1.end():o2.start()] == "\n" and _lines(text, o2, c2)
+        return (text.startswith(o1) and _lines(s, len(o1), i) and s[i + len(c1):j] == "\n"
+                and _lines(s, j + len(o2), len(s) - len(c2)))
     return True
 
 
-def _lines(text: str, open_: re.Match, close: re.Match) -> bool:
-    """`<tag>\n...\n</tag>`: newline after the opening and before the closing tag (two distinct ones)."""
-    return (close.start() - open_.end() >= 2 and text[open_.end()] == "\n"
-            and text[close.start() - 1] == "\n")
+def _lines(s: str, start: int, end: int) -> bool:
+    """s[start:end] is "\n...\n": a newline after the opening and before the closing tag."""
+    return end - start >= 2 and s[start] == "\n" and s[end - 1] == "\n"
 
 
 @register(
@@ -55,7 +48,7 @@ def think_format(newlines: bool = False):
 
     def reward(prompts=None, completions=None, **kwargs):
         texts, prefixes = batch(prompts, completions)
-        return [1.0 if _shape(p + t, _THINK_TAGS, "think", "answer", newlines) else 0.0
+        return [1.0 if _shape(p + t if p else t, "think", "answer", newlines) else 0.0
                 for t, p in zip(texts, prefixes)]
 
     return reward
@@ -70,26 +63,16 @@ def think_format(newlines: bool = False):
 def xml_strict_format():
     def reward(prompts=None, completions=None, **kwargs):
         texts, prefixes = batch(prompts, completions)
-        return [1.0 if _strict_xml(p + t) else 0.0 for t, p in zip(texts, prefixes)]
+        return [1.0 if _strict_xml(p + t if p else t) else 0.0 for t, p in zip(texts, prefixes)]
 
     return reward
 
 
 def _strict_xml(text: str) -> bool:
-    # Exactly the seed's `^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$`, with multi-line
-    # reasoning allowed (the seed forgot re.DOTALL, so it never matched real multi-line reasoning).
-    if not text.startswith("<reasoning>\n") or not text.endswith("\n</answer>\n"):
-        return False
-    tags = []
-    for m in _XML_TAGS.finditer(text):
-        tags.append(m)
-        if len(tags) > 4:
-            return False
-    if [m.group() for m in tags] != ["<reasoning>", "</reasoning>", "<answer>", "</answer>"]:
-        return False
-    o1, c1, o2, c2 = tags
-    return (o1.start() == 0 and _lines(text, o1, c1) and text[c1.end():o2.start()] == "\n"
-            and _lines(text, o2, c2) and c2.end() == len(text) - 1)
+    # The seed's `^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$`, with multi-line reasoning
+    # allowed (the seed forgot re.DOTALL, so it never matched real multi-line reasoning).
+    return text.startswith("<reasoning>\n") and text.endswith("\n</answer>\n") and \
+        _shape(text, "reasoning", "answer", True)
 
 
 @register(
@@ -101,7 +84,7 @@ def _strict_xml(text: str) -> bool:
 def xml_soft_format():
     def reward(prompts=None, completions=None, **kwargs):
         texts, prefixes = batch(prompts, completions)
-        return [1.0 if _shape(p + t, _XML_TAGS, "reasoning", "answer", False) else 0.0
+        return [1.0 if _shape(p + t if p else t, "reasoning", "answer", False) else 0.0
                 for t, p in zip(texts, prefixes)]
 
     return reward
@@ -110,6 +93,8 @@ def xml_soft_format():
 def _count_xml(text: str) -> float:
     # The GSM8K GRPO seed's count_xml, verbatim in meaning: 0.125 per well-placed tag, minus 0.001 per
     # character after the closing answer tag.
+    if "<" not in text:
+        return 0.0
     count = 0.0
     if text.count("<reasoning>\n") == 1:
         count += 0.125
@@ -117,22 +102,28 @@ def _count_xml(text: str) -> float:
         count += 0.125
     if text.count("\n<answer>\n") == 1:
         count += 0.125
-        count -= len(text.rsplit("\n</answer>\n", 1)[-1]) * 0.001
+        count -= _after_last(text, "\n</answer>\n") * 0.001
     if text.count("\n</answer>") == 1:
         count += 0.125
-        count -= (len(text.rsplit("\n</answer>", 1)[-1]) - 1) * 0.001
+        count -= (_after_last(text, "\n</answer>") - 1) * 0.001
     return count
+
+
+def _after_last(text: str, sep: str) -> int:
+    """len(text.split(sep)[-1]) without copying the text."""
+    i = text.rfind(sep)
+    return len(text) if i < 0 else len(text) - i - len(sep)
 
 
 @register(
     "xml_count",
     "0.125 per well-placed <reasoning>/<answer> tag (max 0.5), minus 0.001 per character after </answer> "
     "(GSM8K GRPO xmlcount).",
-    best=None,
+    best=0.5,
 )
 def xml_count():
     def reward(prompts=None, completions=None, **kwargs):
         texts, prefixes = batch(prompts, completions)
-        return [_count_xml(p + t) for t, p in zip(texts, prefixes)]
+        return [_count_xml(p + t if p else t) for t, p in zip(texts, prefixes)]
 
     return reward

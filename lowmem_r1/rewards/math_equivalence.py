@@ -124,6 +124,12 @@ def _parse_pred(region: str) -> tuple:
         return ()
 
 
+import re  # noqa: E402
+
+_TOWER = re.compile(r"(?:\*\*|\^)\s*\{?\s*(?:[0-9]{5,}|[0-9a-z.]{1,12}\s*\}?\s*(?:\*\*|\^))")
+"""A power tower or a huge exponent (9**9**9, 10^{10^{10}}, 2^{123456}): sympy would try to evaluate it and
+only the deadline would stop it. Such an answer is judged wrong at once unless the gold has one too."""
+
 _SLOW_GOLDS: set[str] = set()
 """Golds whose parsing ran out of time: not applicable, and not retried for every completion."""
 
@@ -139,7 +145,10 @@ def _verify_one(gold: Any, text: str, timeout: float) -> float | None:
             if not gold_parsed:
                 return None
             stage = "pred"
-            pred = _parse_pred(answer_region(text))
+            region = answer_region(text)
+            if _TOWER.search(region) and not _TOWER.search(gold):
+                return 0.0
+            pred = _parse_pred(region)
             if not pred:
                 return 0.0
             return 1.0 if mv.verify(list(gold_parsed), list(pred), timeout_seconds=None) else 0.0

@@ -1,0 +1,321 @@
+"""Debugging a recipe's rewards before spending GPU hours: list them, score one completion, check that the
+dataset's gold answers get full marks.
+
+    reward_table()                         -> the registry as a table (`lowmem-r1 rewards list`)
+    score_completion(recipe, text, row)    -> each reward and the weighted total (`rewards score`)
+    check_gold(recipe, limit)              -> how many gold answers get full marks (`rewards check`)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import UserError
+from .registry import REGISTRY, REQUIRED, RewardSpec, build, check
+
+
+def reward_table():
+    """`lowmem-r1 rewards list`: name, parameters with defaults, dataset columns, full marks, description."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title=escape("Rewards: in a recipe, [[rewards]] name = ..., weight = ..., <parameter> = ..."),
+                  show_lines=True, expand=True)
+    table.add_column("name", no_wrap=True)
+    table.add_column("parameters (defaults)", no_wrap=True)
+    table.add_column("columns", no_wrap=True)
+    table.add_column("full", justify="right", no_wrap=True)
+    table.add_column("what it scores", ratio=1)
+    for name in sorted(REGISTRY):
+        spec = REGISTRY[name]
+        params = "\n".join(f"{k}={'<required>' if v is REQUIRED else repr(v)}" for k, v in spec.params.items())
+        best = spec.full_marks()
+        table.add_row(name, escape(params) or "-", "\n".join(spec.columns) or "-",
+                      "-" if best is None else f"{best:g}", escape(spec.description))
+    return table
+
+
+# --------------------------------------------------------------------------------------------------
+# Building a recipe's rewards and calling them like TRL does
+
+
+@dataclass
+class _Reward:
+    name: str
+    weight: float
+    spec: RewardSpec
+    func: Any
+    params: dict
+    on_error: str = "raise"
+
+
+def recipe_rewards(recipe) -> list[_Reward]:
+    out = []
+    for entry in recipe.rewards:
+        spec = check(entry.name, entry.params)
+        out.append(_Reward(entry.name, entry.weight, spec, build(entry.name, **entry.params), entry.params,
+                           entry.on_error))
+    return out
+
+
+def _call(reward: _Reward, prompts: list, completions: list, columns: dict, completion_ids=None) -> list:
+    """One TRL-style call; a user reward that raises is reported, not fatal (this is a debugging tool)."""
+    try:
+        out = reward.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
+    except Exception as e:
+        return [f"error: {type(e).__name__}: {e}"] * len(completions)
+    if not isinstance(out, (list, tuple)) or len(out) != len(completions):
+        return [f"error: returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}, "
+                f"expected a list of {len(completions)}"] * len(completions)
+    return list(out)
+
+
+def _as_completion(text: str, prompt: Any) -> Any:
+    """The completion as TRL passes it: a str for string prompts, else an assistant message list."""
+    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+
+
+def _rows(recipe, tokenizer=None):
+    from ..data import load_splits
+
+    return load_splits(recipe, tokenizer).train
+
+
+def _tokenizer_if_needed(recipe):
+    """The model's tokenizer when prompts need it (an assistant prefix is rendered with the chat template);
+    then lengths are also measured in tokens. Otherwise None: lengths in characters, no model files read."""
+    if not recipe.prompt.assistant_prefix:
+        return None
+    from ..data.preview import load_tokenizer
+
+    return load_tokenizer(recipe.model)
+
+
+def _columns(row: dict) -> dict:
+    return {k: v for k, v in row.items() if k != "prompt"}
+
+
+def _ids(tokenizer, texts: list[str]):
+    if tokenizer is None:
+        return None
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+# --------------------------------------------------------------------------------------------------
+# rewards score
+
+
+@dataclass
+class ScoreReport:
+    row: dict
+    prompt: Any
+    completion: str
+    scores: list[tuple[str, float, Any]]
+    """(reward name, weight, score: float, None for not applicable, or an error string)."""
+
+    @property
+    def total(self) -> float:
+        """TRL's total: the weighted sum of the rewards that apply (None is skipped)."""
+        return sum(w * s for _, w, s in self.scores if _is_number(s))
+
+    def render(self):
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title="Reward scores", show_footer=True)
+        table.add_column("reward", footer="weighted total")
+        table.add_column("score", justify="right")
+        table.add_column("weight", justify="right")
+        table.add_column("weighted", justify="right", footer=f"{self.total:.4g}")
+        for name, w, s in self.scores:
+            if _is_number(s):
+                table.add_row(escape(name), f"{s:.4g}", f"{w:g}", f"{w * s:.4g}")
+            else:
+                table.add_row(escape(name), "n/a (None)" if s is None else escape(str(s)[:120]), f"{w:g}", "-")
+        from rich.console import Group
+        from rich.text import Text
+
+        prompt = self.prompt if isinstance(self.prompt, str) else "\n".join(
+            f"[{m.get('role')}] {m.get('content')}" for m in self.prompt or [] if isinstance(m, dict))
+        cols = ", ".join(f"{k}={_short(v)}" for k, v in self.row.items() if k != "prompt")
+        return Group(Text(f"prompt:\n{_short(prompt, 600)}\ncolumns: {cols}\ncompletion:\n{_short(self.completion, 600)}\n"),
+                     table)
+
+
+def _short(v: Any, width: int = 120) -> str:
+    s = v if isinstance(v, str) else repr(v)
+    return s if len(s) <= width else s[:width] + f"... ({len(s)} chars)"
+
+
+def score_completion(recipe, completion: str, row_index: int = 0, columns: dict | None = None) -> ScoreReport:
+    """Score one completion against the recipe's rewards and dataset row `row_index` (its prompt and reward
+    columns; `columns` overrides or adds column values)."""
+    tokenizer = _tokenizer_if_needed(recipe)
+    rows = _rows(recipe, tokenizer)
+    if not 0 <= row_index < len(rows):
+        raise UserError(f"--row {row_index}: the training split has {len(rows)} rows; use 0..{len(rows) - 1}")
+    row = dict(rows[row_index])
+    row.update(columns or {})
+    prompt = row.get("prompt")
+    scores = []
+    for r in recipe_rewards(recipe):
+        out = _call(r, [prompt], [_as_completion(completion, prompt)], {k: [v] for k, v in _columns(row).items()},
+                    _ids(tokenizer, [completion]))
+        scores.append((r.name, r.weight, out[0]))
+    return ScoreReport(row, prompt, completion, scores)
+
+
+# --------------------------------------------------------------------------------------------------
+# rewards check
+
+
+@dataclass
+class RewardCheck:
+    name: str
+    full_marks: float | None
+    scored: int = 0
+    not_applicable: int = 0
+    at_full: int = 0
+    total: float = 0.0
+    errors: int = 0
+    example: dict | None = None
+    """The first gold answer that did not get full marks: row index, gold completion, score."""
+
+    @property
+    def share(self) -> float | None:
+        return self.at_full / self.scored if self.scored else None
+
+    @property
+    def mean(self) -> float | None:
+        return self.total / self.scored if self.scored else None
+
+
+@dataclass
+class CheckReport:
+    rows: int
+    min_share: float
+    checks: list[RewardCheck] = field(default_factory=list)
+
+    @property
+    def failures(self) -> list[RewardCheck]:
+        """Rewards with full marks that too few gold answers reach (errors always fail)."""
+        return [c for c in self.checks if c.errors or (c.full_marks is not None and c.scored and
+                                                         (c.share or 0.0) < self.min_share)]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+    def render(self):
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=f"Gold answers of {self.rows} row(s), written in the recipe's answer format")
+        for col in ("reward", "full marks", "at full marks", "mean", "n/a", "verdict"):
+            table.add_column(col, justify="left" if col in ("reward", "verdict") else "right",
+                             no_wrap=col != "verdict")
+        failing = {id(c) for c in self.failures}
+        for c in self.checks:
+            share = "-" if c.share is None else f"{c.at_full}/{c.scored} ({100 * c.share:.0f}%)"
+            verdict = ("FAIL" if id(c) in failing else "ok" if c.full_marks is not None and c.scored
+                       else "shaping reward (no full marks)" if c.full_marks is None else "nothing to score")
+            table.add_row(escape(c.name), "-" if c.full_marks is None else f"{c.full_marks:g}",
+                          share if c.full_marks is not None else "-",
+                          "-" if c.mean is None else f"{c.mean:.4g}", str(c.not_applicable), verdict)
+        return table
+
+    def explain(self) -> list[str]:
+        """One paragraph per failing reward: what the gold looked like and what it scored."""
+        lines = []
+        for c in self.failures:
+            if c.example is None:
+                continue
+            ex = c.example
+            lines.append(f"{c.name}: row {ex['row']} scored {ex['score']!r} (full marks {c.full_marks}); "
+                         f"columns {ex['columns']}; gold completion:\n{ex['completion']}")
+        return lines
+
+
+def check_gold(recipe, limit: int = 200, min_share: float = 0.9) -> CheckReport:
+    """Score each row's gold answer (written by lowmem_r1.data.gold_completion in the recipe's answer format,
+    after its assistant prefix) with every reward, in batches as TRL would, and count full marks."""
+    from ..data import gold_completion
+
+    if limit <= 0:
+        raise UserError("--limit: must be positive")
+    if not 0 <= min_share <= 1:
+        raise UserError("--min-share: must be between 0 and 1")
+    tokenizer = _tokenizer_if_needed(recipe)
+    rows = _rows(recipe, tokenizer)
+    n = min(limit, len(rows))
+    rows = [dict(rows[i]) for i in range(n)]
+    golds = [gold_completion(row, recipe) for row in rows]
+    prompts = [row.get("prompt") for row in rows]
+    completions = [_as_completion(g, p) for g, p in zip(golds, prompts)]
+    columns = {k: [row.get(k) for row in rows] for k in (_columns(rows[0]) if rows else {})}
+    ids = _ids(tokenizer, golds)
+    report = CheckReport(n, min_share)
+    for r in recipe_rewards(recipe):
+        best = r.spec.full_marks(r.params) if ":" not in r.name else None
+        c = RewardCheck(r.name, best)
+        for start in range(0, n, 64):
+            end = min(n, start + 64)
+            out = _call(r, prompts[start:end], completions[start:end], {k: v[start:end] for k, v in columns.items()},
+                        None if ids is None else ids[start:end])
+            for i, s in enumerate(out, start):
+                if s is None:
+                    c.not_applicable += 1
+                    continue
+                if not _is_number(s):
+                    c.errors += 1
+                    s_ok = False
+                else:
+                    c.scored += 1
+                    c.total += s
+                    s_ok = best is None or s >= best - 1e-9
+                    c.at_full += int(best is not None and s_ok)
+                if not s_ok and c.example is None:
+                    c.example = {"row": i, "score": s, "completion": golds[i][:600],
+                                 "columns": {k: v[i] for k, v in columns.items()}}
+        report.checks.append(c)
+    return report
+
+
+# --------------------------------------------------------------------------------------------------
+# Command-line inputs
+
+
+def read_completion(text: str | None, file: str | None) -> str:
+    """The completion to score: the TEXT argument, or the contents of --file (`-`: standard input)."""
+    import sys
+    from pathlib import Path
+
+    if (text is None) == (file is None):
+        raise UserError("rewards score: give the completion as TEXT or --file PATH (one of them)")
+    if text is not None:
+        return text.encode("utf-8", "surrogateescape").decode("unicode_escape") if "\\n" in text else text
+    if file == "-":
+        return sys.stdin.read()
+    path = Path(file)
+    if not path.is_file():
+        raise UserError(f"--file {file}: not found; pass a text file holding one completion")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+def parse_columns(items: list[str] | None) -> dict:
+    """`--column answer=8 --column nums=[1,2,3]`: values as TOML literals when they parse, else strings."""
+    from ..recipe import _parse_value
+
+    out = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UserError(f"--column {item!r}: expected name=value, e.g. --column answer=8")
+        out[key.strip()] = _parse_value(value.strip())
+    return out
