@@ -174,13 +174,24 @@ _POOL = None
 _POOL_LOCK = threading.Lock()
 
 
+def _close_pool() -> None:
+    global _POOL
+    if _POOL is not None:
+        _POOL.terminate()
+        _POOL.join()
+        _POOL = None
+
+
 def _in_child(golds: list, texts: list[str], timeout: float) -> list[float | None]:
     import multiprocessing
 
     global _POOL
     with _POOL_LOCK:
         if _POOL is None:
+            import atexit
+
             _POOL = multiprocessing.get_context("spawn").Pool(1)
+            atexit.register(_close_pool)
         pool = _POOL
         job = pool.apply_async(score_batch, (list(golds), list(texts), timeout))
         try:
