@@ -17,8 +17,11 @@ trainer imports anything heavy.
 from __future__ import annotations
 
 import importlib.util
+import logging
 
 from ..errors import UserError
+
+log = logging.getLogger("lowmem_r1")
 
 
 def cuda_available() -> bool:
@@ -48,15 +51,100 @@ def choose(backend: str) -> tuple[str, str]:
 
 
 def select(recipe):
-    """The backend object for a recipe."""
+    """The backend object for a recipe, after checking this machine can run it (one-line UserError with
+    the fix if not) and logging every fallback. Imports unsloth here, before anything imports trl."""
     name, _why = choose(recipe.model.backend)
+    problems = requirements(recipe, name)
+    if problems:
+        more = f" (+{len(problems) - 1} more: run `lowmem-r1 doctor RECIPE`)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
+    for note in fallbacks(recipe, name):
+        log.warning(note)
     if name == "unsloth":
         from .unsloth import UnslothBackend
 
-        return UnslothBackend()
+        backend = UnslothBackend(standby=recipe.model.vllm_standby)
+        backend.prepare()
+        return backend
     from .hf import HFBackend
 
     return HFBackend()
 
 
-__all__ = ["choose", "select", "cuda_available", "unsloth_installed", "UserError"]
+# --------------------------------------------------------------------------------------------------
+# GPU-only settings: refuse clearly where they cannot work, fall back out loud where it is safe.
+
+GPU_EXTRA = 'pip install "lowmem-r1[gpu]"'
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def compute_capability() -> tuple[int, int] | None:
+    if not cuda_available():
+        return None
+    import torch
+
+    return torch.cuda.get_device_capability(0)
+
+
+def requirements(recipe, name: str | None = None) -> list[str]:
+    """Why this machine cannot run the recipe with backend `name`: one line each, naming the key and the
+    fix. Empty when it can. `doctor` shows the same list."""
+    m, g = recipe.model, recipe.generation
+    name = name or choose(m.backend)[0]
+    cuda = cuda_available()
+    out: list[str] = []
+    if name == "unsloth" and not unsloth_installed():
+        out.append(f'model.backend = "unsloth": unsloth is not installed; {GPU_EXTRA}, or --set model.backend=hf')
+    if m.load_in_4bit and not installed("bitsandbytes"):
+        out.append(f"model.load_in_4bit: bitsandbytes is not installed; {GPU_EXTRA}, or --set model.load_in_4bit=false")
+    if "8bit" in recipe.training.optim and not installed("bitsandbytes"):
+        out.append(f"training.optim: {recipe.training.optim} needs bitsandbytes; {GPU_EXTRA}, or --set training.optim=adamw_torch")
+    for key, on in (("model.fast_inference", m.fast_inference), ("generation.use_vllm", g.use_vllm)):
+        if not on:
+            continue
+        off = f"--set {key}=false"
+        if not cuda:
+            out.append(
+                f"{key}: vLLM generation needs a CUDA GPU and this machine has none (a GPU recipe); run it on a "
+                f"CUDA machine, or {off} (and a small model.name) to run it here on the CPU"
+            )
+        elif not installed("vllm"):
+            out.append(f"{key}: vllm is not installed; {GPU_EXTRA}, or {off}")
+        elif (compute_capability() or (7, 0)) < (7, 0):
+            major, minor = compute_capability()
+            out.append(f"{key}: this GPU (compute capability {major}.{minor}) is too old for vLLM (7.0+); {off}")
+    if name == "unsloth" and cuda and g.use_vllm and not m.fast_inference and m.load_in_4bit:
+        out.append(
+            "generation.use_vllm: with unsloth and a 4-bit model, vLLM must share the weights (TRL's own "
+            "engine cannot receive 4-bit weight updates); --set model.fast_inference=true"
+        )
+    return list(dict.fromkeys(out))
+
+
+def fallbacks(recipe, name: str) -> list[str]:
+    """What will run differently from what the recipe says, and why (logged, never silent)."""
+    m, g = recipe.model, recipe.generation
+    cuda = cuda_available()
+    notes = []
+    if name == "hf" and m.fast_inference:
+        notes.append(
+            "model.fast_inference: unsloth is not in use, so the hf backend generates with TRL's colocated vLLM "
+            f"(a second copy of the weights: more memory than Unsloth's shared engine); {GPU_EXTRA} for Unsloth"
+        )
+    if name == "unsloth" and not cuda:
+        notes.append("unsloth: no CUDA device, Unsloth's CPU backend trains with plain transformers + PEFT (slow)")
+    if cuda and not (m.fast_inference or g.use_vllm):
+        notes.append(
+            "generation: transformers generate() on the GPU (slow for long completions); "
+            + ("--set model.fast_inference=true" if name == "unsloth" else "--set generation.use_vllm=true")
+            + " to generate with vLLM"
+        )
+    return notes
+
+
+__all__ = [
+    "choose", "select", "requirements", "fallbacks", "cuda_available", "unsloth_installed", "UserError",
+]

@@ -32,6 +32,9 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
 class HFBackend:
     name = "hf"
 
+    def prepare(self):
+        """Nothing to import first (UnslothBackend.prepare imports unsloth before trl)."""
+
     def load(self, recipe):
         import torch
         from peft import LoraConfig, get_peft_model
@@ -44,11 +47,6 @@ class HFBackend:
         kwargs = dict(dtype=dtype, revision=m.revision, trust_remote_code=m.trust_remote_code)
         if m.load_in_4bit:
             kwargs["quantization_config"] = nf4_config(dtype)
-        if m.fast_inference:
-            raise UserError(
-                "model.fast_inference: only the unsloth backend shares weights with vLLM; set "
-                "model.backend = 'unsloth' (GPU), or use generation.use_vllm = true with the hf backend"
-            )
         tok = load_tokenizer(path, m.revision, m.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if m.load_in_4bit:
@@ -77,11 +75,11 @@ class HFBackend:
             dtype = torch_dtype(recipe.model.dtype, cuda)
             out["bf16"] = dtype == torch.bfloat16
             out["fp16"] = dtype == torch.float16
-        if g.use_vllm:
+        if g.use_vllm or recipe.model.fast_inference:  # fast_inference without unsloth: TRL's vLLM (logged by select)
             if not cuda:
                 raise UserError(
-                    "generation.use_vllm: vLLM needs a CUDA GPU; set --set generation.use_vllm=false to "
-                    "generate with transformers on this machine"
+                    "generation.use_vllm: vLLM needs a CUDA GPU; set --set generation.use_vllm=false "
+                    "(and model.fast_inference=false) to generate with transformers on this machine"
                 )
             if importlib.util.find_spec("vllm") is None:
                 raise UserError('generation.use_vllm: vllm is not installed; pip install "lowmem-r1[gpu]"')

@@ -1,0 +1,470 @@
+"""Will this recipe fit on the card? Peak GPU memory from the model's config alone, before any download.
+
+Every figure is an estimate in GiB (2**30 bytes) built from the config (hidden size h, MLP width I, L
+layers, attention / KV heads, head_dim d, vocabulary V) and the recipe (B = per_device_train_batch_size
+completions per micro-batch, P = data.max_prompt_length, C = generation.max_completion_length,
+S = P + C, G = num_generations, GA = gradient_accumulation_steps):
+
+  base weights    16-bit: 2 bytes x parameters. 4-bit NF4 (bitsandbytes, double quantization): 4.127 bits
+                  per parameter of the decoder's Linear layers (4 bits + 8-bit absmax per 64 weights +
+                  fp32 per 256 absmax: QLoRA, Dettmers et al. 2023, section 3); embeddings and lm_head
+                  stay 16-bit (Unsloth and transformers skip them).
+  LoRA            r x (in + out) per targeted Linear per layer; fp32 weights (4) + fp32 grads (4) +
+                  AdamW states: 8 bytes fp32, 2 bytes with bitsandbytes 8-bit AdamW.
+  activations     with gradient checkpointing, the layer inputs B x S x h x 2 bytes per layer, plus one
+                  layer recomputed at a time: B x S x (10h + 4I) x 2 bytes (Korthikanti et al. 2022,
+                  "Reducing Activation Recomputation", adapted to SwiGLU and fused SDPA / flash attention,
+                  which never materialise the S x S scores). Unsloth's checkpointing offloads the layer
+                  inputs to host RAM (unsloth.ai/blog/grpo: "shaves 372GB"), so only about two stay on the
+                  card. Without checkpointing every layer keeps its activations.
+  loss logits     TRL's GRPO loss materialises 2 tensors of B x C x V in 16-bit (logits and their
+                  gradient: "2 * 2 bytes * 8 (num generations) * 20K (context length) * 128256 (vocabulary)
+                  = 78.3GB", unsloth.ai/blog/grpo, 2025-02-20). Often the largest term: V is 151936 for
+                  Qwen2.5. Unsloth's memory-efficient GRPO loss works on one row at a time in fp32:
+                  C x V x 4 bytes (the post's "GRPO Memory Cost 9.8GB" for the same setup). The tests
+                  reproduce both published figures (and the post's 2.5GB KV cache for 20K tokens).
+  generation      vLLM reserves gpu_memory_utilization x card for its weights + KV cache (TRL's
+                  vllm_gpu_memory_utilization; Unsloth's fast_inference engine shares the training weights,
+                  so they are counted once: "Inference Cost 0GB vs 16GB" in the same post). The KV cache is
+                  2 x L x kv_heads x d x 2 bytes per token; it must hold at least one whole S-token sequence.
+                  Unsloth standby (UNSLOTH_VLLM_STANDBY=1) frees the KV cache while training and raises the
+                  share to its own tiers (unsloth_zoo/vllm_utils.py: 0.925 ... 0.75 of the card by size,
+                  x 0.95 for vLLM >= 0.11), so the peak is the larger of generation and training.
+                  Without vLLM, transformers' generate() keeps a KV cache for the B x GA completions TRL
+                  generates at once (generation_batch_size).
+  CUDA context    a fixed 1.0 GiB for the CUDA context, cuBLAS workspaces and allocator fragmentation
+                  (an assumption: typically 0.5-1 GiB).
+
+The estimate is for the card only; it is not a measurement (no GPU was available to calibrate it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from .errors import UserError
+
+GiB = 1024**3
+CUDA_CONTEXT = 1.0 * GiB
+NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # QLoRA double quantization: 4.127 bits per weight
+DEFAULT_CARD_GIB = 24.0  # the card this toolkit is built for (RTX 3090 / 4090, A5000, L4 class)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The few numbers of a decoder-only config that memory depends on."""
+
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    vocab: int
+    tied: bool
+    head_dim: int = 0
+    source: str = "config"
+
+    @property
+    def d(self) -> int:
+        return self.head_dim or self.hidden // self.heads
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) of each decoder Linear, by its usual module name."""
+        h, i, q, kv = self.hidden, self.intermediate, self.heads * self.d, self.kv_heads * self.d
+        return {
+            "q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+            "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h),
+        }
+
+    def linear_params(self) -> int:
+        return self.layers * sum(a * b for a, b in self.linear_shapes().values())
+
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    def params(self) -> int:
+        norms = self.layers * 2 * self.hidden + self.hidden
+        return self.linear_params() + self.embedding_params() + norms
+
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.layers * self.kv_heads * self.d * 2
+
+
+def _shape(h, i, layers, heads, kv, vocab, tied, head_dim=0, source="built-in table") -> ModelShape:
+    return ModelShape(h, i, layers, heads, kv, vocab, tied, head_dim, source)
+
+
+# The bundled recipes' models, from their config.json on the hub, so `plan` needs no network for them.
+BUILTIN_SHAPES = {
+    "Qwen/Qwen2.5-0.5B-Instruct": _shape(896, 4864, 24, 14, 2, 151936, True),
+    "Qwen/Qwen2.5-1.5B-Instruct": _shape(1536, 8960, 28, 12, 2, 151936, True),
+    "Qwen/Qwen2.5-3B-Instruct": _shape(2048, 11008, 36, 16, 2, 151936, True),
+    "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B": _shape(1536, 8960, 28, 12, 2, 151936, False),
+    "builtin:smollm2-135m-instruct": _shape(576, 1536, 30, 9, 3, 49152, True, 64),
+}
+# Unsloth's pre-quantized uploads have the same shapes.
+for _name, _s in list(BUILTIN_SHAPES.items()):
+    if _name.startswith("Qwen/"):
+        _base = _name.split("/")[1]
+        BUILTIN_SHAPES[f"unsloth/{_base}"] = _s
+        BUILTIN_SHAPES[f"unsloth/{_base}-bnb-4bit"] = _s
+        BUILTIN_SHAPES[f"unsloth/{_base}-unsloth-bnb-4bit"] = _s
+
+
+def shape_from_config(cfg: dict, source: str) -> ModelShape:
+    cfg = cfg.get("text_config") or cfg
+    try:
+        h = int(cfg["hidden_size"])
+        heads = int(cfg["num_attention_heads"])
+        return ModelShape(
+            hidden=h,
+            intermediate=int(cfg.get("intermediate_size") or 4 * h),
+            layers=int(cfg["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            vocab=int(cfg["vocab_size"]),
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+            head_dim=int(cfg.get("head_dim") or 0),
+            source=source,
+        )
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{source}: not a decoder config plan understands (missing {e}); plan cannot estimate it") from None
+
+
+def model_shape(name: str, revision: str | None = None) -> ModelShape:
+    """From the built-in table, a local folder's config.json, or the hub's config.json (never weights)."""
+    if name in BUILTIN_SHAPES:
+        return BUILTIN_SHAPES[name]
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        raise UserError(f"model {name}: plan reads config.json, not GGUF; pass the Hugging Face model it came from")
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise UserError(f"model {name}: folder has no config.json; pass a Hugging Face model folder")
+        return shape_from_config(json.loads(cfg.read_text(encoding="utf-8")), str(cfg))
+    from .models import is_hub_id
+
+    if not is_hub_id(name):
+        raise UserError(f"model {name!r}: not a local folder, hub id or builtin alias plan knows")
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise UserError(
+            f"model {name}: its config.json is not in plan's built-in table and HF_HUB_OFFLINE is set; "
+            f"go online once, or pass a local model folder"
+        )
+    try:
+        from huggingface_hub import hf_hub_download
+
+        local = hf_hub_download(name, "config.json", revision=revision)
+    except Exception as e:
+        raise UserError(
+            f"model {name}: cannot fetch config.json from the hub ({type(e).__name__}); check the name and the "
+            f"network, or pass a local model folder"
+        ) from None
+    return shape_from_config(json.loads(Path(local).read_text(encoding="utf-8")), f"{name} (hub config.json)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The estimate
+
+
+@dataclass
+class Knobs:
+    """The recipe numbers memory depends on (varied to find what fits)."""
+
+    backend: str
+    load_in_4bit: bool
+    weight_bytes: int  # 2 (16-bit) or 4 (float32)
+    fast_inference: bool
+    use_vllm: bool
+    standby: bool
+    vllm_share: float
+    max_seq_length: int
+    lora_r: int
+    lora_targets: list[str]
+    optim_8bit: bool
+    checkpointing: bool
+    batch: int
+    accumulation: int
+    generations: int
+    prompt: int
+    completion: int
+
+
+@dataclass
+class Plan:
+    name: str
+    shape: ModelShape
+    knobs: Knobs
+    card: float  # bytes
+    card_source: str
+    rows: list[tuple[str, float, str]] = field(default_factory=list)  # (what, bytes, how)
+    total: float = 0.0
+    kv_needed: float = 0.0  # one whole sequence in vLLM's KV cache
+    kv_room: float | None = None
+    notes: list[str] = field(default_factory=list)
+    max_generations: int | None = None
+    max_completion: int | None = None
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.card and (self.kv_room is None or self.kv_room >= self.kv_needed)
+
+    def gib(self, value: float) -> float:
+        return round(value / GiB, 2)
+
+
+def plan_backend(recipe) -> str:
+    """The backend the run would use on a CUDA machine: auto means unsloth when it is installed or when
+    planning from a machine without a GPU (the fast path assumes `pip install "lowmem-r1[gpu]"`)."""
+    if recipe.model.backend != "auto":
+        return recipe.model.backend
+    from .backends import cuda_available, unsloth_installed
+
+    return "unsloth" if unsloth_installed() or not cuda_available() else "hf"
+
+
+def knobs_from_recipe(recipe, backend: str) -> Knobs:
+    m, t, g, lora = recipe.model, recipe.training, recipe.generation, recipe.lora
+    targets = list(ModelShape(1, 1, 1, 1, 1, 1, True).linear_shapes()) if lora.target_modules == "all-linear" \
+        else list(lora.target_modules)
+    unsloth = backend == "unsloth"
+    return Knobs(
+        backend=backend,
+        load_in_4bit=m.load_in_4bit,
+        weight_bytes=4 if m.dtype == "float32" else 2,
+        fast_inference=m.fast_inference and unsloth,
+        use_vllm=g.use_vllm or m.fast_inference,
+        standby=m.vllm_standby and unsloth and m.fast_inference,
+        vllm_share=m.gpu_memory_utilization if (m.fast_inference and unsloth) else g.vllm_gpu_memory_utilization,
+        max_seq_length=m.max_seq_length,
+        lora_r=lora.r,
+        lora_targets=targets,
+        optim_8bit="8bit" in t.optim,
+        checkpointing=unsloth or t.gradient_checkpointing,
+        batch=t.per_device_train_batch_size,
+        accumulation=t.gradient_accumulation_steps,
+        generations=t.num_generations,
+        prompt=recipe.data.max_prompt_length,
+        completion=g.max_completion_length,
+    )
+
+
+def standby_share(card: float, vllm_at_least_011: bool = True) -> float:
+    """Unsloth's standby utilisation for a card of this size (unsloth_zoo/vllm_utils.py, 2026.10)."""
+    tenth = card / GiB * 0.1
+    tiers = [(4.0, 0.925), (2.5, 0.9), (2.0, 0.825), (1.4, 0.8), (1.0, 0.775), (0.0, 0.75)]
+    share = next(u for lo, u in tiers if tenth >= lo)
+    return share * 0.95 if vllm_at_least_011 else share
+
+
+def estimate(shape: ModelShape, k: Knobs, card: float) -> tuple[list[tuple[str, float, str]], float, float, float | None]:
+    """(rows, total bytes, KV bytes one sequence needs, KV room in vLLM's share or None)."""
+    h, inter, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
+    B, S, C = k.batch, k.prompt + k.completion, k.completion
+    unsloth = k.backend == "unsloth"
+    rows: list[tuple[str, float, str]] = []
+
+    if k.load_in_4bit:
+        weights = shape.linear_params() * NF4_BITS / 8 + (shape.params() - shape.linear_params()) * 2
+        how = f"{shape.params() / 1e9:.2f}B params, Linear layers NF4 ({NF4_BITS:.3f} bits), embeddings 16-bit"
+    else:
+        weights = shape.params() * k.weight_bytes
+        how = f"{shape.params() / 1e9:.2f}B params x {k.weight_bytes} bytes"
+    rows.append(("base weights (" + ("4-bit" if k.load_in_4bit else f"{8 * k.weight_bytes}-bit") + ")", weights, how))
+
+    dims = shape.linear_shapes()
+    unknown = [t for t in k.lora_targets if t not in dims]
+    lora_params = L * sum(k.lora_r * sum(dims[t]) for t in k.lora_targets if t in dims)
+    per_param = 4 + 4 + (2 if k.optim_8bit else 8)
+    rows.append((
+        "LoRA weights + grads + optimizer", lora_params * per_param,
+        f"{lora_params / 1e6:.1f}M params x {per_param} bytes ({'8-bit AdamW' if k.optim_8bit else 'AdamW'})"
+        + (f"; not counted: {unknown}" if unknown else ""),
+    ))
+
+    layer = B * S * (10 * h + 4 * inter) * 2
+    if k.checkpointing and unsloth:
+        act, how = layer + 2 * B * S * h * 2, "Unsloth checkpointing: layer inputs offloaded to RAM, one layer recomputed"
+    elif k.checkpointing:
+        act, how = layer + L * B * S * h * 2, f"checkpointing: {L} layer inputs kept + one layer recomputed"
+    else:
+        act, how = L * layer, f"no gradient checkpointing: all {L} layers' activations kept"
+    rows.append((f"activations (B={B} x S={S} tokens)", act, how))
+
+    if unsloth:
+        logits, how = C * V * 4, f"Unsloth chunked loss: one fp32 row at a time, C={C} x V={V} x 4 bytes"
+    else:
+        logits, how = 2 * B * C * V * 2, f"logits + their gradient: 2 x B={B} x C={C} x V={V} x 2 bytes"
+    rows.append(("loss logits", logits, how))
+
+    kv_token = shape.kv_bytes_per_token()
+    kv_needed = kv_token * (k.max_seq_length if k.fast_inference else S)
+    kv_room = None
+    training = weights + rows[1][1] + act + logits
+    if k.use_vllm:
+        share = standby_share(card) if k.standby else k.vllm_share
+        reserved = share * card
+        if k.fast_inference:  # shares the training weights: they sit inside vLLM's reservation
+            kv_room = reserved - weights
+            vllm_row = max(kv_room, 0.0)
+            what = f"vLLM share beyond the shared weights ({share:.2f} x card{', standby' if k.standby else ''})"
+        else:  # TRL's colocated engine loads its own copy
+            own = weights
+            kv_room = reserved - own
+            vllm_row = reserved
+            what = f"vLLM share ({share:.2f} x card, its own weights + KV cache)"
+        if k.standby:  # KV cache asleep while training: the peak is the larger phase
+            generation_phase = reserved + rows[1][1]
+            peak = max(generation_phase, training)
+            rows.append((what, max(0.0, peak - training), "standby: only what generation needs beyond training"))
+        else:
+            rows.append((what, vllm_row, f"KV cache {kv_token / 1024:.0f} KiB per token"))
+    else:
+        gen_batch = B * k.accumulation
+        rows.append((
+            f"generation KV cache ({gen_batch} x {S} tokens)", gen_batch * S * kv_token + gen_batch * V * 4,
+            f"transformers generate(), {kv_token / 1024:.0f} KiB per token",
+        ))
+    rows.append(("CUDA context + allocator", CUDA_CONTEXT, "fixed assumption"))
+    total = sum(r[1] for r in rows)
+    return rows, total, kv_needed, kv_room
+
+
+def _fits(shape, k, card) -> bool:
+    _, total, need, room = estimate(shape, k, card)
+    return total <= card and (room is None or room >= need)
+
+
+GENERATIONS_LIMIT, COMPLETION_LIMIT = 256, 131072  # searched up to here
+
+
+def largest_generations(shape: ModelShape, k: Knobs, card: float, limit: int = GENERATIONS_LIMIT) -> int | None:
+    """Largest num_generations that fits, keeping the prompts per micro-batch (B scales with it)."""
+    per = max(1, k.batch // k.generations)
+    best = None
+    for n in range(2, limit + 1):
+        if not _fits(shape, replace(k, generations=n, batch=per * n), card):
+            break
+        best = n
+    return best
+
+
+def largest_completion(shape: ModelShape, k: Knobs, card: float, limit: int = COMPLETION_LIMIT) -> int | None:
+    """Largest max_completion_length that fits (model.max_seq_length raised with it when vLLM uses it)."""
+    def ok(c):
+        seq = max(k.max_seq_length, k.prompt + c) if k.fast_inference else k.max_seq_length
+        return _fits(shape, replace(k, completion=c, max_seq_length=seq), card)
+
+    if not ok(1):
+        return None
+    lo, hi = 1, limit
+    if ok(hi):
+        return hi
+    while hi - lo > 1:  # memory grows with the length: bisect
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def card_memory(gpu_memory: float | None) -> tuple[float, str]:
+    if gpu_memory is not None:
+        if gpu_memory <= 0:
+            raise UserError(f"--gpu-memory {gpu_memory}: must be a positive number of GiB, e.g. --gpu-memory 24")
+        return gpu_memory * GiB, "--gpu-memory"
+    from .backends import cuda_available
+
+    if cuda_available():
+        import torch
+
+        props = torch.cuda.get_device_properties(0)
+        return float(props.total_memory), f"{props.name} (detected)"
+    return DEFAULT_CARD_GIB * GiB, f"no GPU here: assuming a {DEFAULT_CARD_GIB:.0f} GiB card (--gpu-memory to change)"
+
+
+def make_plan(recipe, gpu_memory: float | None = None, search: bool = True) -> Plan:
+    shape = model_shape(recipe.model.name, recipe.model.revision)
+    card, source = card_memory(gpu_memory)
+    k = knobs_from_recipe(recipe, plan_backend(recipe))
+    rows, total, need, room = estimate(shape, k, card)
+    plan = Plan(recipe.name, shape, k, card, source, rows, total, need, room)
+    if room is not None:
+        plan.notes.append(
+            f"vLLM KV cache: one {k.max_seq_length if k.fast_inference else k.prompt + k.completion}-token sequence "
+            f"needs {plan.gib(need)} GiB, its share leaves {plan.gib(max(room, 0))} GiB "
+            f"(~{max(0, int(room // need)) if need else 0} sequences at once)"
+        )
+    if recipe.model.backend == "auto":
+        plan.notes.append(f"backend auto: planned as {k.backend} on a CUDA card")
+    if k.fast_inference and k.prompt + k.completion > k.max_seq_length:
+        plan.notes.append(
+            f"data.max_prompt_length + max_completion_length = {k.prompt + k.completion} exceeds "
+            f"model.max_seq_length = {k.max_seq_length}: raise model.max_seq_length"
+        )
+    if search:
+        plan.max_generations = largest_generations(shape, k, card)
+        plan.max_completion = largest_completion(shape, k, card)
+    return plan
+
+
+def warn_if_not_fit(recipe) -> str | None:
+    """For train on a GPU: the warning to show before step 1 when the plan says it will not fit, else None.
+    Never blocks training: an unknown config (offline hub id) just gives no warning."""
+    from .backends import cuda_available
+
+    if not cuda_available():
+        return None
+    try:
+        plan = make_plan(recipe)
+    except UserError:
+        return None
+    if plan.fits:
+        return None
+    return (
+        f"estimated peak {plan.gib(plan.total)} GiB on a {plan.gib(plan.card)} GiB card: this recipe probably "
+        f"does not fit; largest that fits: num_generations {plan.max_generations or 'none'}, "
+        f"max_completion_length {plan.max_completion or 'none'} (lowmem-r1 plan RECIPE for the breakdown)"
+    )
+
+
+def print_plan(plan: Plan, console=None) -> None:
+    from rich.console import Console
+    from rich.markup import escape
+    from rich.table import Table
+
+    console = console or Console(highlight=False)
+    k = plan.knobs
+    table = Table(title=f"plan: {plan.name} ({k.backend}, {plan.shape.source})")
+    table.add_column("memory", style="cyan")
+    table.add_column("GiB", justify="right")
+    table.add_column("how")
+    for what, value, how in plan.rows:
+        table.add_row(escape(what), f"{value / GiB:.2f}", escape(how))
+    card = escape(f"card: {plan.card / GiB:.1f} GiB, {plan.card_source}")
+    table.add_row("[bold]peak (estimate)", f"[bold]{plan.total / GiB:.2f}", card)
+    console.print(table)
+    for note in plan.notes:
+        console.print(f"  {escape(note)}")
+    verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
+    console.print(f"verdict: {verdict} (estimate from config; not measured)")
+    if plan.max_generations is not None or plan.max_completion is not None:
+        per = max(1, k.batch // k.generations)
+        gens = _bound(plan.max_generations, GENERATIONS_LIMIT)
+        console.print(
+            f"largest that fits: num_generations = {gens} (per_device_train_batch_size = {per} x num_generations), "
+            f"max_completion_length = {_bound(plan.max_completion, COMPLETION_LIMIT)} (others as in the recipe)"
+        )
+    elif not plan.fits:
+        console.print("even num_generations = 2 and 1-token completions do not fit: a smaller model or 4-bit")
+
+
+def _bound(value: int | None, limit: int) -> str:
+    if value is None:
+        return "none"
+    return f"{value}+" if value >= limit else str(value)
+
+
+__all__ = ["make_plan", "print_plan", "warn_if_not_fit", "model_shape", "ModelShape", "Plan", "GiB"]

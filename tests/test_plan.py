@@ -1,0 +1,180 @@
+"""`lowmem-r1 plan`: the memory estimate from config only. Pinned figures for every bundled recipe (a change
+to the formula or a recipe shows up here), Unsloth's published GRPO figures reproduced, and the config
+sources (built-in table, local folder, offline hub id)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from lowmem_r1 import plan as P
+from lowmem_r1.errors import UserError
+from lowmem_r1.recipe import load_recipe, recipe_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+# recipe -> (backend planned, peak GiB on a 24 GiB card, fits, largest num_generations, largest completion)
+PINNED = {
+    "demo.toml": ("unsloth", 1.57, True, 256, 13643),
+    "gsm8k.toml": ("unsloth", 14.69, True, 167, 6058),
+    "countdown.toml": ("unsloth", 15.45, True, 60, 6409),
+    "numina-math.toml": ("unsloth", 12.77, True, 80, 9196),
+    "boxed-qlora.toml": ("unsloth", 15.49, True, 54, 7725),
+}
+
+
+@pytest.fixture(autouse=True)
+def planning_machine(monkeypatch):
+    """Plan as from a machine without a GPU but with unsloth installed (so `auto` plans unsloth)."""
+    from lowmem_r1 import backends
+
+    monkeypatch.setattr(backends, "cuda_available", lambda: False)
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: True)
+
+
+@pytest.mark.parametrize("name", sorted(PINNED))
+def test_bundled_recipe_estimates_are_pinned(name):
+    path = REPO / "recipes" / name
+    if not path.is_file():
+        pytest.skip(f"{path} is not bundled")
+    backend, total, fits, gens, completion = PINNED[name]
+    plan = P.make_plan(load_recipe(path), gpu_memory=24)
+    assert plan.knobs.backend == backend
+    assert plan.gib(plan.total) == pytest.approx(total, abs=0.01)
+    assert plan.fits is fits
+    assert (plan.max_generations, plan.max_completion) == (gens, completion)
+
+
+def test_every_bundled_recipe_is_pinned():
+    bundled = {p.name for p in (REPO / "recipes").glob("*.toml")}
+    assert bundled <= set(PINNED), f"pin the plan of {sorted(bundled - set(PINNED))} in PINNED"
+
+
+def test_the_flagship_fits_a_24gb_card_with_unsloth_but_not_plain_trl_without_checkpointing():
+    """Qwen2.5-3B GRPO on one 24 GiB card: Unsloth (4-bit, shared vLLM, offloaded checkpointing, chunked
+    loss) fits; the same run with plain transformers, 16-bit and no checkpointing does not."""
+    raw = {"rewards": [{"name": "brevity"}],
+           "model": {"name": "Qwen/Qwen2.5-3B-Instruct", "load_in_4bit": True, "fast_inference": True,
+                     "backend": "unsloth", "max_seq_length": 1024},
+           "training": {"per_device_train_batch_size": 8, "num_generations": 8, "optim": "adamw_8bit"},
+           "generation": {"max_completion_length": 768}}
+    fast = P.make_plan(recipe_from_dict(raw, check_rewards=False), gpu_memory=24)
+    assert fast.fits
+    slow = P.make_plan(recipe_from_dict(raw, overrides=["model.backend=hf", "model.load_in_4bit=false",
+                                                        "model.fast_inference=false"], check_rewards=False),
+                       gpu_memory=24)
+    assert not slow.fits and slow.total > 2 * fast.total
+
+
+def test_unsloths_published_grpo_figures_are_reproduced():
+    """unsloth.ai/blog/grpo: Llama 3.1 8B, 8 generations, 20K context, vocabulary 128256: standard GRPO
+    logits 78.3GB, Unsloth's 9.8GB, KV cache 2.5GB."""
+    llama8b = P.ModelShape(4096, 14336, 32, 32, 8, 128256, False)
+    k = P.Knobs(backend="hf", load_in_4bit=False, weight_bytes=2, fast_inference=False, use_vllm=False,
+                standby=False, vllm_share=0.5, max_seq_length=20480, lora_r=16, lora_targets=["q_proj"],
+                optim_8bit=False, checkpointing=True, batch=8, accumulation=1, generations=8, prompt=0,
+                completion=20480)
+    logits = {name: value for name, value, _ in P.estimate(llama8b, k, 80 * P.GiB)[0]}["loss logits"]
+    assert logits / P.GiB == pytest.approx(78.3, abs=0.05)
+    rows = P.estimate(llama8b, replace(k, backend="unsloth"), 80 * P.GiB)[0]
+    assert {n: v for n, v, _ in rows}["loss logits"] / P.GiB == pytest.approx(9.8, abs=0.05)
+    assert llama8b.kv_bytes_per_token() * 20480 / P.GiB == pytest.approx(2.5, abs=0.01)
+
+
+def test_parameter_counts_match_the_published_sizes():
+    shapes = P.BUILTIN_SHAPES
+    assert shapes["builtin:smollm2-135m-instruct"].params() == 134_515_008  # exact (no biases)
+    # Qwen2.5 has q/k/v biases (a few 10k parameters), not counted.
+    assert shapes["Qwen/Qwen2.5-3B-Instruct"].params() == pytest.approx(3_085_938_688, rel=1e-4)
+    assert shapes["Qwen/Qwen2.5-0.5B-Instruct"].params() == pytest.approx(494_032_768, rel=1e-4)
+    assert shapes["Qwen/Qwen2.5-1.5B-Instruct"].params() == pytest.approx(1_543_714_304, rel=1e-4)
+    assert shapes["deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B"].params() == pytest.approx(1_777_088_000, rel=1e-4)
+
+
+def test_builtin_table_agrees_with_the_real_config(base_model_dir):
+    assert P.model_shape(str(base_model_dir)) == replace(P.BUILTIN_SHAPES["builtin:smollm2-135m-instruct"],
+                                                         source=str(base_model_dir / "config.json"))
+
+
+def test_local_folder_config_is_read(tmp_path):
+    cfg = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "vocab_size": 1000, "tie_word_embeddings": True}
+    (tmp_path / "config.json").write_text(json.dumps({"text_config": cfg}))
+    shape = P.model_shape(str(tmp_path))
+    assert (shape.hidden, shape.kv_heads, shape.d, shape.vocab) == (64, 2, 16, 1000)
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 64}))
+    with pytest.raises(UserError, match="missing"):
+        P.model_shape(str(tmp_path))
+
+
+def test_unknown_hub_id_offline_is_a_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match="HF_HUB_OFFLINE"):
+        P.model_shape("someone/not-in-the-table")
+    with pytest.raises(UserError, match="GGUF"):
+        P.model_shape("model.Q4_K_M.gguf")
+
+
+def test_largest_settings_are_the_boundary():
+    r = load_recipe(REPO / "recipes" / "gsm8k.toml") if (REPO / "recipes" / "gsm8k.toml").is_file() else None
+    if r is None:
+        pytest.skip("recipes/gsm8k.toml is not bundled")
+    card = 16 * P.GiB
+    plan = P.make_plan(r, gpu_memory=16)
+    k, shape = plan.knobs, plan.shape
+    c = plan.max_completion
+    seq = lambda n: max(k.max_seq_length, k.prompt + n)  # noqa: E731
+    assert P._fits(shape, replace(k, completion=c, max_seq_length=seq(c)), card)
+    assert not P._fits(shape, replace(k, completion=c + 1, max_seq_length=seq(c + 1)), card)
+    g = plan.max_generations
+    assert P._fits(shape, replace(k, generations=g, batch=g), card)
+    assert not P._fits(shape, replace(k, generations=g + 1, batch=g + 1), card)
+
+
+def test_small_card_does_not_fit_and_says_what_would():
+    r = recipe_from_dict({"rewards": [{"name": "brevity"}],
+                          "model": {"name": "Qwen/Qwen2.5-3B-Instruct", "load_in_4bit": True,
+                                    "fast_inference": True, "backend": "unsloth"}}, check_rewards=False)
+    plan = P.make_plan(r, gpu_memory=3)  # vLLM half of 3 GiB cannot hold the 1.9 GiB weights
+    assert not plan.fits
+    assert P.make_plan(r, gpu_memory=24).fits
+    with pytest.raises(UserError, match="--gpu-memory"):
+        P.make_plan(r, gpu_memory=0)
+
+
+def test_standby_share_follows_unsloth_tiers():
+    assert P.standby_share(24 * P.GiB) == pytest.approx(0.825 * 0.95)
+    assert P.standby_share(80 * P.GiB) == pytest.approx(0.925 * 0.95)
+    assert P.standby_share(15 * P.GiB) == pytest.approx(0.8 * 0.95)
+
+
+def test_warn_if_not_fit_only_on_a_gpu(monkeypatch):
+    from lowmem_r1 import backends
+
+    r = recipe_from_dict({"rewards": [{"name": "brevity"}],
+                          "model": {"name": "Qwen/Qwen2.5-3B-Instruct", "backend": "hf"},
+                          "training": {"per_device_train_batch_size": 16, "num_generations": 16},
+                          "generation": {"max_completion_length": 2048}}, check_rewards=False)
+    assert P.warn_if_not_fit(r) is None  # no GPU: train runs on CPU, nothing to warn about
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(P, "card_memory", lambda gpu_memory: (24 * P.GiB, "test card"))
+    message = P.warn_if_not_fit(r)
+    assert message and "does not fit" in message and "num_generations" in message
+    small = recipe_from_dict({"rewards": [{"name": "brevity"}]}, check_rewards=False)
+    assert P.warn_if_not_fit(small) is None
+
+
+def test_plan_command_prints_breakdown_and_verdict(tmp_path):
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('[model]\nname = "Qwen/Qwen2.5-3B-Instruct"\nload_in_4bit = true\n\n[[rewards]]\nname = "brevity"\n')
+    done = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "plan", str(recipe), "--gpu-memory", "4"],
+                          capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": "/usr/bin"})
+    assert done.returncode == 0, done.stderr
+    for word in ("base weights (4-bit)", "LoRA", "activations", "loss logits", "verdict: does not fit",
+                 "largest that fits"):
+        assert word in done.stdout
