@@ -302,6 +302,10 @@ def evaluate(target: str, settings: EvalSettings, model: str | None = None, data
                         f"adapter (pass a run directory, or evaluate the base model on its own)")
     if settings.samples < 1:
         raise UserError(f"--samples {settings.samples}: must be at least 1")
+    if settings.out is not None:  # fail before the work, not after it
+        from .fsutil import refuse_existing
+
+        refuse_existing(Path(settings.out), settings.force, "eval results folder")
     recipe = t.recipe
     tokenizer = load_tokenizer(t.ref)
     rows = eval_rows(t, tokenizer, settings.limit)
