@@ -1,0 +1,83 @@
+"""`lowmem-r1 doctor`: green on this (CPU) machine for the CPU demo, red with a non-zero exit for a GPU
+recipe, for a library outside the tested pins, and for a recipe's impossible settings."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lowmem_r1 import doctor as D
+from lowmem_r1.recipe import recipe_from_dict
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def statuses(checks, what):
+    return [c.status for c in checks if c.what == what]
+
+
+def test_pins_come_from_the_package_metadata():
+    pins = D.pins()
+    assert pins["trl"] == "==1.15.0" and pins["transformers"] == "==5.17.0"
+    assert pins["unsloth"] == "==2026.10.9" and "vllm" in pins
+
+
+def test_this_machine_can_run_the_cpu_path():
+    checks = D.run_checks()
+    assert all(c.status != D.FAIL for c in checks), [c for c in checks if c.status == D.FAIL]
+    assert statuses(checks, "trl") == [D.OK]
+    backend = [c for c in checks if c.what == "backend = auto"][0]
+    assert backend.value.startswith("hf: auto: no CUDA")  # no GPU here
+    assert any(c.what == "torch build" and "CPU build" in c.value for c in checks)
+
+
+def test_a_library_outside_the_pins_is_red(monkeypatch):
+    real = D.version_of
+    monkeypatch.setattr(D, "version_of", lambda p: "1.99.0" if p == "trl" else real(p))
+    checks = D.run_checks()
+    trl = [c for c in checks if c.what == "trl"][0]
+    assert trl.status == D.FAIL and "outside the tested ==1.15.0" in trl.value and "pip install" in trl.fix
+
+
+def test_missing_gpu_extras_are_red_only_when_the_recipe_needs_them(monkeypatch):
+    real = D.version_of
+    monkeypatch.setattr(D, "version_of", lambda p: None if p in ("unsloth", "unsloth_zoo") else real(p))
+    assert statuses(D.run_checks(), "unsloth") == [D.INFO]
+    from lowmem_r1 import backends
+
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: False)
+    recipe = recipe_from_dict({"rewards": [{"name": "brevity"}], "model": {"backend": "unsloth"}}, check_rewards=False)
+    checks = D.run_checks(recipe)
+    assert statuses(checks, "unsloth") == [D.FAIL]
+    assert any(c.what == "recipe" and c.status == D.FAIL and "model.backend" in c.value for c in checks)
+
+
+def test_disk_estimates_use_the_model_size(tmp_path):
+    recipe = recipe_from_dict({"rewards": [{"name": "brevity"}], "model": {"name": "Qwen/Qwen2.5-3B-Instruct"},
+                               "output": {"dir": str(tmp_path / "run")}}, check_rewards=False)
+    rows = {c.what: c for c in D.disk_checks(recipe)}
+    need = lambda what: float(rows[what].value.split("~")[1].split(" GB")[0])  # noqa: E731
+    # the run: checkpoints of a ~30M-parameter adapter; export: 3.09B params x 2 bytes, twice (merged + f16 GGUF)
+    assert 0.3 < need("disk for the run") < 2
+    assert need("disk for export (merge + GGUF)") == pytest.approx(need("disk for the run") + 12.34, abs=0.1)
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "doctor", *args], capture_output=True,
+                          text=True, timeout=180, cwd=REPO, env={"COLUMNS": "200", "PATH": "/usr/bin",
+                                                                  "HF_HUB_OFFLINE": "1"})
+
+
+def test_doctor_command_exit_codes(tmp_path):
+    demo = REPO / "recipes" / "demo.toml"
+    if not demo.is_file():
+        pytest.skip("recipes/demo.toml is not bundled")
+    ok = run_cli(str(demo))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "ready" in ok.stdout and "python" in ok.stdout and "backend = auto" in ok.stdout
+    bad = run_cli(str(demo), "--set", "model.fast_inference=true")
+    assert bad.returncode == 1
+    assert "FAIL" in bad.stdout and "model.fast_inference" in bad.stdout and "cannot run" in bad.stdout
