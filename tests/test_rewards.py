@@ -389,7 +389,7 @@ def test_math_accuracy_deadline_bounds_a_slow_parse(monkeypatch):
 
     from lowmem_r1.rewards import math_equivalence as me
 
-    def slow(region):
+    def slow(region, plain):
         while True:
             time.sleep(0.01)
 

@@ -62,10 +62,11 @@ def _content_text(content: Any) -> str:
     return ""
 
 
-def prompt_text(prompt: Any) -> str:
-    """The user-visible text of a prompt (str, or the concatenated contents of a message list)."""
+def prompt_text(prompt: Any, roles: tuple[str, ...] | None = None) -> str:
+    """The text of a prompt (a str, or the contents of its messages, only those of `roles` if given)."""
     if isinstance(prompt, (list, tuple)):
-        return "\n".join(_content_text(m.get("content")) for m in prompt if isinstance(m, dict))
+        return "\n".join(_content_text(m.get("content")) for m in prompt
+                         if isinstance(m, dict) and (roles is None or m.get("role") in roles))
     return completion_text(prompt)
 
 
@@ -116,8 +117,10 @@ def batch(prompts: Any, completions: Any) -> tuple[list[str], list[str]]:
 def column(kwargs: dict, name: str, n: int) -> list:
     """Dataset column `name` as a list of length n (None where absent), whatever TRL passed."""
     values = kwargs.get(name)
-    if values is None or isinstance(values, (str, bytes)) or not hasattr(values, "__len__"):
-        return [values if isinstance(values, str) else None] * n if n else []
+    if isinstance(values, str):  # one value for the whole batch
+        return [values] * n
+    if values is None or isinstance(values, bytes) or not hasattr(values, "__len__"):
+        return [None] * n
     values = list(values)[:n]
     return values + [None] * (n - len(values))
 
@@ -188,7 +191,10 @@ def last_number(text: str) -> str | None:
 
     Finds the last digit with str.rfind (fast even on megabytes), then reads the number that ends there
     from a short window before it."""
-    end = max(text.rfind(d) for d in "0123456789")
+    tail = max(0, len(text) - 512)  # usually the number is near the end: look there first
+    end = max(map(text.rfind, "0123456789", (tail,) * 10))
+    if end < 0 and tail:
+        end = max(map(text.rfind, "0123456789"))
     if end < 0:
         return None
     last = None

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import re
 import signal
 import threading
 from typing import Any
 
-from .extract import MAX_ANSWER_CHARS, answer_tag, last_boxed
+from .extract import MAX_ANSWER_CHARS, answer_tag, batch, column, last_boxed
+from .registry import register
 
 TAIL_CHARS = 1000
 """Without a \\boxed{} or <answer> tag, math-verify reads only this many final characters."""
@@ -86,45 +88,44 @@ def parse_gold(gold: str) -> tuple:
     return tuple(parsed)
 
 
-@functools.lru_cache(maxsize=1)
-def _pred_config():
+@functools.lru_cache(maxsize=2)
+def _pred_config(plain: bool):
+    """open-r1's prediction config (LaTeX with anchors, \\boxed first); `plain` adds plain expressions for
+    the content of an <answer> tag ("1/2", "3.5"), which has no LaTeX anchor to find."""
     from latex2sympy2_extended import NormalizationConfig
     from math_verify import ExprExtractionConfig, LatexExtractionConfig
 
-    return [
-        LatexExtractionConfig(
-            normalization_config=NormalizationConfig(
-                nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=True
-            ),
-            boxed_match_priority=0,
-            try_extract_without_anchor=False,
+    latex = LatexExtractionConfig(
+        normalization_config=NormalizationConfig(
+            nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=True
         ),
-        ExprExtractionConfig(),
-    ]
+        boxed_match_priority=0,
+        try_extract_without_anchor=False,
+    )
+    return [latex, ExprExtractionConfig()] if plain else [latex]
 
 
-def answer_region(text: str) -> str:
-    """The part of a completion that holds its answer, small enough to parse quickly."""
+def answer_region(text: str) -> tuple[str, bool]:
+    """(the part of a completion that holds its answer, small enough to parse quickly; whether it is the
+    bare content of an <answer> tag)."""
     boxed = last_boxed(text)
     if boxed is not None:
-        return f"\\boxed{{{boxed}}}"
+        return f"\\boxed{{{boxed}}}", False
     tagged = answer_tag(text)
     if tagged is not None and len(tagged) <= MAX_ANSWER_CHARS:
-        return tagged
-    return text[-TAIL_CHARS:]
+        return tagged, True
+    return text[-TAIL_CHARS:], False
 
 
 @functools.lru_cache(maxsize=8192)
-def _parse_pred(region: str) -> tuple:
+def _parse_pred(region: str, plain: bool) -> tuple:
     mv = _math_verify()
     try:
-        return tuple(mv.parse(region, extraction_config=_pred_config(), extraction_mode="first_match",
+        return tuple(mv.parse(region, extraction_config=_pred_config(plain), extraction_mode="first_match",
                               parsing_timeout=None))
     except Exception:
         return ()
 
-
-import re  # noqa: E402
 
 _TOWER = re.compile(r"(?:\*\*|\^)\s*\{?\s*(?:[0-9]{5,}|[0-9a-z.]{1,12}\s*\}?\s*(?:\*\*|\^))")
 """A power tower or a huge exponent (9**9**9, 10^{10^{10}}, 2^{123456}): sympy would try to evaluate it and
@@ -145,10 +146,10 @@ def _verify_one(gold: Any, text: str, timeout: float) -> float | None:
             if not gold_parsed:
                 return None
             stage = "pred"
-            region = answer_region(text)
+            region, plain = answer_region(text)
             if _TOWER.search(region) and not _TOWER.search(gold):
                 return 0.0
-            pred = _parse_pred(region)
+            pred = _parse_pred(region, plain)
             if not pred:
                 return 0.0
             return 1.0 if mv.verify(list(gold_parsed), list(pred), timeout_seconds=None) else 0.0
@@ -195,9 +196,12 @@ def _in_child(golds: list, texts: list[str], timeout: float) -> list[float | Non
         pool = _POOL
         job = pool.apply_async(score_batch, (list(golds), list(texts), timeout))
         try:
-            # Each completion is bounded by its own deadline in the child; the slack covers process start.
-            return job.get(timeout=timeout * (len(texts) + 1) + 30)
-        except Exception:
+            # Each completion is bounded by its own deadline in the child; the slack covers starting the
+            # child (imports of math-verify and sympy, slow on a loaded machine).
+            return job.get(timeout=timeout * (len(texts) + 1) + 120)
+        except Exception as e:
+            logging.getLogger(__name__).warning("math-verify worker failed (%s: %s); this batch scores 0",
+                                                type(e).__name__, e)
             pool.terminate()
             _POOL = None
             return [0.0 if isinstance(g, str) and g.strip() else None for g in golds]
@@ -211,10 +215,6 @@ def _timeout(value: Any) -> float:
     if not 0 < value <= 60:
         raise ValueError("timeout must be in (0, 60] seconds")
     return value
-
-
-from .extract import batch, column  # noqa: E402
-from .registry import register  # noqa: E402
 
 
 @register(

@@ -104,8 +104,9 @@ def _reasoning(text: str) -> str:
 
 @register(
     "language_consistency",
-    "Share of the reasoning's words written in the target script (language='auto': the prompt's dominant "
-    "script, else the reasoning's own; or latin, cjk, hangul, cyrillic, arabic, devanagari, greek). "
+    "Share of the reasoning's words written in the target script (language='auto': the dominant script of "
+    "the prompt's user turns, else the reasoning's own; set it for string prompts, which include the chat "
+    "template; or latin, cjk, hangul, cyrillic, arabic, devanagari, greek). "
     "1 = no language mixing; texts without words score 1.",
     best=1.0,
     language="auto",
@@ -121,7 +122,8 @@ def language_consistency(language="auto"):
         for t, p, prompt in zip(texts, prefixes, plist):
             target = language
             if target == "auto":
-                ptext = prompt_text(prompt)[-_SAMPLE_CHARS:]
+                # The question's language: user turns only (a system prompt is often English regardless).
+                ptext = prompt_text(prompt, roles=("user",))[-_SAMPLE_CHARS:]
                 if ptext not in cache:
                     cache[ptext] = dominant_script(ptext)
                 target = cache[ptext]
