@@ -6,6 +6,8 @@ import json
 import signal
 from pathlib import Path
 
+from .faults import maybe_fault
+
 
 class Callback:
     """A TrainerCallback without importing transformers: the Trainer calls `on_<event>(args, state,
@@ -37,6 +39,8 @@ class MetricsLog(Callback):
 
 
 def _plain(v):
+    if v is None:
+        return None
     try:
         return float(v) if not isinstance(v, (int, str, bool)) else v
     except (TypeError, ValueError):
@@ -64,7 +68,11 @@ class Interrupt(Callback):
         self._console = console
         return _SignalScope(self)
 
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        maybe_fault("optimizer", state.global_step + 1)
+
     def on_step_end(self, args, state, control, **kwargs):
+        maybe_fault("step_end", state.global_step)
         if self.requested:
             control.should_save = True
             control.should_training_stop = True

@@ -121,19 +121,19 @@ class TrainingDisplay(Callback):
         return [
             (k[len("rewards/"):-len("/mean")], float(v))
             for k, v in self.last.items()
-            if k.startswith("rewards/") and k.endswith("/mean")
+            if k.startswith("rewards/") and k.endswith("/mean") and v is not None
         ]
 
     def _line(self, step: int) -> str:
         parts = [f"step {step}/{self.total}", f"reward {self.rewards[-1]:.3f} {_trend(self.rewards)}".rstrip()]
         parts += [f"{n} {v:.2f}" for n, v in self._per_reward()]
-        if "frac_reward_zero_std" in self.last:
+        if self.last.get("frac_reward_zero_std") is not None:
             parts.append(f"zero-std {float(self.last['frac_reward_zero_std']):.2f}")
-        if "completions/mean_length" in self.last:
+        if self.last.get("completions/mean_length") is not None:
             parts.append(f"len {float(self.last['completions/mean_length']):.1f}")
         parts.append(f"eta {self._eta(step)}")
         line = " | ".join(parts)
-        if float(self.last.get("frac_reward_zero_std", 0)) >= 1.0:
+        if float(self.last.get("frac_reward_zero_std") or 0) >= 1.0:
             line += "\n    warning: every group scored the same reward - no learning signal this step"
         return line
 
@@ -149,10 +149,10 @@ class TrainingDisplay(Callback):
             for key, label in (("reward_std", "reward std"), ("frac_reward_zero_std", "groups w/o signal"),
                                ("completions/mean_length", "completion length"), ("kl", "kl"),
                                ("step_time", "step time (s)")):
-                if key in self.last:
+                if self.last.get(key) is not None:
                     table.add_row(label, f"{float(self.last[key]):.3f}")
         items = [table]
-        if float(self.last.get("frac_reward_zero_std", 0)) >= 1.0:
+        if float(self.last.get("frac_reward_zero_std") or 0) >= 1.0:
             items.append("[yellow]no group has a learning signal: every completion of a prompt scored the same[/]")
         if self.sample:
             items.append(Panel(self.sample[:400], title="sample completion", border_style="dim"))

@@ -13,6 +13,7 @@ import random
 import traceback
 from pathlib import Path
 
+from .faults import maybe_fault
 from .rewards import build
 
 
@@ -82,7 +83,10 @@ def _guard(func, name: str, on_error: str, recorder: "RewardRecorder", index: in
             log = kwargs.get("log_metric")
             if on_error == "skip" and callable(log):
                 log(f"reward_errors/{name}", 0.0)
-        recorder.add(index, values, prompts, completions, kwargs.get("trainer_state"))
+        state = kwargs.get("trainer_state")
+        recorder.add(index, values, prompts, completions, state)
+        if state is not None:
+            maybe_fault("generation", state.global_step + 1)
         return values
 
     reward.__name__ = name

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .errors import UserError
+from .faults import maybe_fault
 from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_free_space
 from .recipe import Recipe, load_recipe, recipe_to_toml
 from .callbacks import Interrupt, MetricsLog
@@ -295,6 +296,7 @@ def trainer_class():
             finally:
                 self.args.output_dir, self.args.save_total_limit = str(root), limit
             _fsync_tree(staging / name)
+            maybe_fault("save", self.state.global_step)
             final = root / name
             if final.exists():
                 shutil.rmtree(final)
