@@ -28,8 +28,10 @@ BATCH, GENERATIONS = 64, 8
 # --------------------------------------------------------------------------------------------------
 # The completion set
 
-WORDS = ("the we so then total each number apples add subtract multiply gives is are left of cost "
-         "dollars hours minutes half twice more less equal answer check again wait").split()
+WORDS = (
+    "the we so then total each number apples add subtract multiply gives is are left of cost "
+    "dollars hours minutes half twice more less equal answer check again wait"
+).split()
 
 
 def _filler(rng: random.Random, n_words: int) -> str:
@@ -102,7 +104,7 @@ def _completion(rng: random.Random, gold: dict) -> str:
     # adversarial
     kind = rng.randrange(8)
     if kind == 0:
-        return ("so so so the the " * rng.randint(50, 400))  # repetition loop
+        return "so so so the the " * rng.randint(50, 400)  # repetition loop
     if kind == 1:
         return bytes(rng.randrange(256) for _ in range(rng.randint(10, 2000))).decode("latin-1")
     if kind == 2:
@@ -123,7 +125,11 @@ def completion_set(n: int, seed: int = 0, rare: bool = True) -> list[dict]:
     rng = random.Random(seed)
     batches = []
     made = 0
-    rare = {17: "<answer>9**9**9</answer>", 53: "\\boxed{10^{10^{10^{10}}}}", 101: "x" * 1_000_000} if rare else {}
+    rare = (
+        {17: "<answer>9**9**9</answer>", 53: "\\boxed{10^{10^{10^{10}}}}", 101: "x" * 1_000_000}
+        if rare
+        else {}
+    )
     while made < n:
         size = min(BATCH, n - made)
         prompts, completions, cols = [], [], {"answer": [], "solution": [], "nums": [], "target": []}
@@ -192,7 +198,9 @@ def baseline_int(completions, **kw):
 
 
 def baseline_correctness(completions, answer, **kw):
-    return [2.0 if _baseline_extract_xml_answer(c) == a else 0.0 for c, a in zip(_contents(completions), answer)]
+    return [
+        2.0 if _baseline_extract_xml_answer(c) == a else 0.0 for c, a in zip(_contents(completions), answer)
+    ]
 
 
 def baseline_reasoning_steps(completions, **kw):  # open-r1
@@ -222,10 +230,19 @@ def _baseline_verify(content, sol):
     gold = parse(sol, extraction_mode="first_match", extraction_config=[LatexExtractionConfig()])
     if not gold:
         return None
-    pred = parse(content, extraction_mode="first_match", extraction_config=[LatexExtractionConfig(
-        normalization_config=NormalizationConfig(nits=False, malformed_operators=False, basic_latex=True,
-                                                 boxed="all", units=True),
-        boxed_match_priority=0, try_extract_without_anchor=False)])
+    pred = parse(
+        content,
+        extraction_mode="first_match",
+        extraction_config=[
+            LatexExtractionConfig(
+                normalization_config=NormalizationConfig(
+                    nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=True
+                ),
+                boxed_match_priority=0,
+                try_extract_without_anchor=False,
+            )
+        ],
+    )
     try:
         return float(verify(gold, pred))
     except Exception:
@@ -313,15 +330,19 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=10_000)
     ap.add_argument("--only", default="", help="comma-separated reward names")
     ap.add_argument("--no-baseline", action="store_true")
-    ap.add_argument("--repeats", type=int, default=3, help="passes for fast rewards (fastest time per batch kept)")
+    ap.add_argument(
+        "--repeats", type=int, default=3, help="passes for fast rewards (fastest time per batch kept)"
+    )
     args = ap.parse_args()
 
     t = time.perf_counter()
     batches = completion_set(args.n)
     sizes = [len(c[0]["content"]) for b in batches for c in b["completions"]]
-    print(f"{len(sizes)} completions in {len(batches)} batches of {BATCH} ({GENERATIONS} per prompt), "
-          f"{sum(sizes) / 1e6:.1f} MB, median {sorted(sizes)[len(sizes) // 2]} chars, "
-          f"longest {max(sizes)} chars; generated in {time.perf_counter() - t:.1f}s\n")
+    print(
+        f"{len(sizes)} completions in {len(batches)} batches of {BATCH} ({GENERATIONS} per prompt), "
+        f"{sum(sizes) / 1e6:.1f} MB, median {sorted(sizes)[len(sizes) // 2]} chars, "
+        f"longest {max(sizes)} chars; generated in {time.perf_counter() - t:.1f}s\n"
+    )
 
     import logging
 
@@ -329,8 +350,10 @@ def main() -> None:
     warm_up()
 
     names = [n for n in rewards.REGISTRY if not args.only or n in args.only.split(",")]
-    header = (f"{'reward':<22}{'ours c/s':>12}{'slowest':>10}   {'baseline c/s':>12}{'slowest':>10}"
-              f"{'ratio':>8}  {'issue ref':>10}  baseline")
+    header = (
+        f"{'reward':<22}{'ours c/s':>12}{'slowest':>10}   {'baseline c/s':>12}{'slowest':>10}"
+        f"{'ratio':>8}  {'issue ref':>10}  baseline"
+    )
     print(header)
     print("-" * len(header))
     verdicts = []
@@ -361,9 +384,12 @@ def main() -> None:
             verdicts.append(f"{name}: slowest batch {slow:.2f}s (goal < 1 s)")
 
     print()
-    print("goals not met: " + "; ".join(verdicts) if verdicts else
-          "goals met: format, tag count, reasoning steps, repetition >= baseline; math_accuracy >= 1.5x; "
-          "every batch of every reward < 1 s")
+    print(
+        "goals not met: " + "; ".join(verdicts)
+        if verdicts
+        else "goals met: format, tag count, reasoning steps, repetition >= baseline; math_accuracy >= 1.5x; "
+        "every batch of every reward < 1 s"
+    )
 
 
 if __name__ == "__main__":

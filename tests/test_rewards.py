@@ -33,10 +33,24 @@ def score(name, texts, **kwargs):
 
 
 def test_registry_has_every_issue_reward():
-    names = {"think_format", "xml_strict_format", "xml_soft_format", "xml_count", "integer_answer",
-             "answer_match", "boxed_match", "math_accuracy", "countdown_equation", "reasoning_steps",
-             "cosine_length", "repetition_penalty", "levenshtein", "language_consistency", "overlong_penalty",
-             "brevity"}
+    names = {
+        "think_format",
+        "xml_strict_format",
+        "xml_soft_format",
+        "xml_count",
+        "integer_answer",
+        "answer_match",
+        "boxed_match",
+        "math_accuracy",
+        "countdown_equation",
+        "reasoning_steps",
+        "cosine_length",
+        "repetition_penalty",
+        "levenshtein",
+        "language_consistency",
+        "overlong_penalty",
+        "brevity",
+    }
     assert names <= set(rewards.REGISTRY)
     assert rewards.REGISTRY["answer_match"].columns == ("answer",)
     assert rewards.REGISTRY["countdown_equation"].columns == ("nums", "target")
@@ -46,9 +60,16 @@ def test_registry_has_every_issue_reward():
 def test_built_function_is_named_and_follows_trl_convention():
     f = rewards.build("answer_match")
     assert f.__name__ == "answer_match"
-    out = f(prompts=[[{"role": "user", "content": "What is 3 + 5?"}]] * 2, completions=conv("8", "9"),
-            completion_ids=[[1, 2], [3]], answer=["8", "8"], trainer_state=object(), log_extra=lambda *a: None,
-            log_metric=lambda *a: None, question=["q", "q"])
+    out = f(
+        prompts=[[{"role": "user", "content": "What is 3 + 5?"}]] * 2,
+        completions=conv("8", "9"),
+        completion_ids=[[1, 2], [3]],
+        answer=["8", "8"],
+        trainer_state=object(),
+        log_extra=lambda *a: None,
+        log_metric=lambda *a: None,
+        question=["q", "q"],
+    )
     assert out == [1.0, 0.0]
     assert f(completions=["<answer>8</answer>"], answer=["8"]) == [1.0]  # standard format, prompts=None
     assert f(completions=[], answer=[]) == []
@@ -67,8 +88,10 @@ def test_bad_names_and_parameters_are_user_errors():
 
 def test_user_reward_from_file(tmp_path):
     f = tmp_path / "mine.py"
-    f.write_text("def short(prompts, completions, **kw):\n    return [float(len(c) < 5) for c in completions]\n"
-                 "def bad(prompts, completions):\n    return []\n")
+    f.write_text(
+        "def short(prompts, completions, **kw):\n    return [float(len(c) < 5) for c in completions]\n"
+        "def bad(prompts, completions):\n    return []\n"
+    )
     func = rewards.build(f"{f}:short")
     assert func(prompts=None, completions=["abc", "abcdefg"]) == [1.0, 0.0]
     with pytest.raises(UserError, match="kwargs"):
@@ -96,11 +119,24 @@ def test_completion_text_forms():
     assert completion_text(None) == "" and completion_text(b"\xff") == "\ufffd" and completion_text(3) == ""
 
 
-@pytest.mark.parametrize("s,value", [
-    ("1,000", 1000), ("$1000", 1000), ("1000.00", 1000), ("1000.", 1000), ("-5", -5), ("50%", 50),
-    (".5", 0.5), ("\\frac{1}{2}", 0.5), ("3/4", 0.75), ("$\\$1,234.5$", 1234.5), ("\\boxed{72}", 72),
-    ("#### 72", 72), (" 7 ", 7),
-])
+@pytest.mark.parametrize(
+    "s,value",
+    [
+        ("1,000", 1000),
+        ("$1000", 1000),
+        ("1000.00", 1000),
+        ("1000.", 1000),
+        ("-5", -5),
+        ("50%", 50),
+        (".5", 0.5),
+        ("\\frac{1}{2}", 0.5),
+        ("3/4", 0.75),
+        ("$\\$1,234.5$", 1234.5),
+        ("\\boxed{72}", 72),
+        ("#### 72", 72),
+        (" 7 ", 7),
+    ],
+)
 def test_parse_number(s, value):
     assert parse_number(s) == value
 
@@ -127,8 +163,10 @@ def test_assistant_prefix():
     assert assistant_prefix("<|im_start|>assistant\nLet me solve this step by step.\n<think>") == "<think>"
     assert assistant_prefix("...\n<think>\n") == "<think>\n"
     assert assistant_prefix("Use <think> </think> tags.") == ""
-    assert assistant_prefix([{"role": "user", "content": "q"}, {"role": "assistant", "content": "Ok.\n<think>"}]) \
+    assert (
+        assistant_prefix([{"role": "user", "content": "q"}, {"role": "assistant", "content": "Ok.\n<think>"}])
         == "<think>"
+    )
     assert assistant_prefix([{"role": "user", "content": "end with <think>"}]) == ""
 
 
@@ -143,16 +181,20 @@ combination is 55 + 36 - 19 + 7... </think>
 CORRECT_2 = """ ... </think>
 <answer> 55 + 36 - 7 - 19 </answer>"""
 WRONG_FORMAT = """User: Using the numbers [19, 36, 55, 7], create an equation that equals 65."""
-WRONG_FORMAT_2 = """To find the equation that equals 79 using the numbers 95, 78, 6, 88, I'll start by adding 88 and 95:
-95 + 88 = 183
-Now, let's subtract 104 from 183 to get 79:
-183 - 104 = 79
-<think> 183 - 104 = 79 </think><think> 183 - 104 = 79 </think><answer> 183 - 104 = 79 </answer>"""
+WRONG_FORMAT_2 = (
+    "To find the equation that equals 79 using the numbers 95, 78, 6, 88, I'll start by adding 88 and 95:\n"
+    "95 + 88 = 183\n"
+    "Now, let's subtract 104 from 183 to get 79:\n"
+    "183 - 104 = 79\n"
+    "<think> 183 - 104 = 79 </think><think> 183 - 104 = 79 </think><answer> 183 - 104 = 79 </answer>"
+)
 WRONG_RESULT = """ ... </think>
 <answer> 55 + 36 - 7 - 18 </answer>"""
 COUNTDOWN = [CORRECT_1, CORRECT_2, WRONG_FORMAT, WRONG_FORMAT_2, WRONG_RESULT]
-COUNTDOWN_PROMPT = ("<|im_start|>user\nUsing the numbers [19, 36, 55, 7], create an equation that equals 65."
-                    "<|im_end|>\n<|im_start|>assistant\nLet me solve this step by step.\n<think>")
+COUNTDOWN_PROMPT = (
+    "<|im_start|>user\nUsing the numbers [19, 36, 55, 7], create an equation that equals 65."
+    "<|im_end|>\n<|im_start|>assistant\nLet me solve this step by step.\n<think>"
+)
 
 
 def test_countdown_seed_format():
@@ -163,16 +205,34 @@ def test_countdown_seed_format():
 
 
 def test_countdown_seed_equation():
-    out = score("countdown_equation", COUNTDOWN, prompts=[COUNTDOWN_PROMPT] * 5, target=["65"] * 5,
-                nums=[[19, 36, 55, 7]] * 5)
+    out = score(
+        "countdown_equation",
+        COUNTDOWN,
+        prompts=[COUNTDOWN_PROMPT] * 5,
+        target=["65"] * 5,
+        nums=[[19, 36, 55, 7]] * 5,
+    )
     assert out == [1.0, 1.0, 0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("answer", [
-    "9**9**9", "1/0", "(" * 10_000 + "1" + ")" * 10_000, "１９ + 36 + 55 - 7", "x" * 1_000_000,
-    "__import__('os').system('true')", "19 + 36 + 55 - 7 = 103", "19 36 55 7", "19 + 36 + 55 + 7 + 65 - 65",
-    "(19 + 36) * (55 - 7) / 0", "2.5 + 19", "19 + 36 + 55 + 7 -", ")19 + 36(",
-])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        "9**9**9",
+        "1/0",
+        "(" * 10_000 + "1" + ")" * 10_000,
+        "１９ + 36 + 55 - 7",
+        "x" * 1_000_000,
+        "__import__('os').system('true')",
+        "19 + 36 + 55 - 7 = 103",
+        "19 36 55 7",
+        "19 + 36 + 55 + 7 + 65 - 65",
+        "(19 + 36) * (55 - 7) / 0",
+        "2.5 + 19",
+        "19 + 36 + 55 + 7 -",
+        ")19 + 36(",
+    ],
+)
 def test_countdown_adversarial_answers_score_zero_fast(answer):
     import time
 
@@ -212,9 +272,17 @@ def _seed_count_xml(text):
     return count
 
 
-XML_CASES = [GOOD_XML, GOOD_XML + "trailing chatter", GOOD_XML.rstrip("\n"), "<reasoning>x</reasoning><answer>18</answer>",
-             "<reasoning> a </reasoning>\n\n  <answer> 18 </answer>", "18", "", "<answer>\n18\n</answer>\n",
-             "<reasoning>\nmulti\nline\n</reasoning>\n<answer>\n18\n</answer>\n"]
+XML_CASES = [
+    GOOD_XML,
+    GOOD_XML + "trailing chatter",
+    GOOD_XML.rstrip("\n"),
+    "<reasoning>x</reasoning><answer>18</answer>",
+    "<reasoning> a </reasoning>\n\n  <answer> 18 </answer>",
+    "18",
+    "",
+    "<answer>\n18\n</answer>\n",
+    "<reasoning>\nmulti\nline\n</reasoning>\n<answer>\n18\n</answer>\n",
+]
 
 
 def test_gsm8k_seed_xml_count_matches_seed_formula():
@@ -231,9 +299,20 @@ def test_gsm8k_seed_strict_and_soft():
 
 
 def test_gsm8k_seed_correctness_and_int():
-    texts = [GOOD_XML, GOOD_XML.replace("18", "17"), "<reasoning>\n.\n</reasoning>\n<answer>\n$18.00\n</answer>\n",
-             "<answer>eighteen</answer>", "no tags 18"]
-    assert score("answer_match", texts, answer=["18"] * 5, params={"extract": "tag"}) == [1.0, 0.0, 1.0, 0.0, 0.0]
+    texts = [
+        GOOD_XML,
+        GOOD_XML.replace("18", "17"),
+        "<reasoning>\n.\n</reasoning>\n<answer>\n$18.00\n</answer>\n",
+        "<answer>eighteen</answer>",
+        "no tags 18",
+    ]
+    assert score("answer_match", texts, answer=["18"] * 5, params={"extract": "tag"}) == [
+        1.0,
+        0.0,
+        1.0,
+        0.0,
+        0.0,
+    ]
     assert score("integer_answer", texts) == [1.0, 1.0, 0.0, 0.0, 0.0]
     # GSM8K's raw answer column ("... #### 18") works too.
     assert score("answer_match", [GOOD_XML], answer=["16 - 3 - 4 = 9 ... #### 18"]) == [1.0]
@@ -247,7 +326,9 @@ def test_answer_match_gsm8k_number_forms(written):
 def test_answer_match_modes_and_text():
     assert score("answer_match", ["3 + 5 = 8."], answer=["8"], params={"extract": "last_number"}) == [1.0]
     assert score("answer_match", ["3 + 5 = 8."], answer=["8"], params={"extract": "tag"}) == [0.0]
-    assert score("answer_match", ["<answer>The Eiffel Tower.</answer>"], answer=["the eiffel  tower"]) == [1.0]
+    assert score("answer_match", ["<answer>The Eiffel Tower.</answer>"], answer=["the eiffel  tower"]) == [
+        1.0
+    ]
     assert score("answer_match", ["<answer>8</answer>"], answer=[None]) == [None]
 
 
@@ -261,13 +342,20 @@ def test_boxed_match():
 
 
 def test_open_r1_format():
-    good = ["<think>Some reasoning</think><answer>The answer</answer>",
-            "<think>\nI will count each distinct object in the image:\n1. Purple scooter\n2. Red bicycle\n\n"
-            "There are 9 distinct objects in total.\n</think>\n<answer>9</answer>"]
-    bad = ["<think>Only thinking</think>", "<answer>Only answer</answer>", "No tags at all",
-           "<think>Missing closing</think><answer>Missing closing",
-           "<think>Wrong order</answer><answer>Wrong order</think>",
-           "<think>a</think><answer>b</answer> trailing", "<think><think>a</think></think><answer>b</answer>"]
+    good = [
+        "<think>Some reasoning</think><answer>The answer</answer>",
+        "<think>\nI will count each distinct object in the image:\n1. Purple scooter\n2. Red bicycle\n\n"
+        "There are 9 distinct objects in total.\n</think>\n<answer>9</answer>",
+    ]
+    bad = [
+        "<think>Only thinking</think>",
+        "<answer>Only answer</answer>",
+        "No tags at all",
+        "<think>Missing closing</think><answer>Missing closing",
+        "<think>Wrong order</answer><answer>Wrong order</think>",
+        "<think>a</think><answer>b</answer> trailing",
+        "<think><think>a</think></think><answer>b</answer>",
+    ]
     assert score("think_format", conv(*good)) == [1.0, 1.0]
     assert score("think_format", conv(*bad)) == [0.0] * len(bad)
     nl = {"newlines": True}
@@ -276,61 +364,75 @@ def test_open_r1_format():
 
 
 def test_open_r1_accuracy():
-    out = score("math_accuracy", conv(r"\boxed{\frac{63}{400}}", r"\boxed{\frac{64}{400}}"),
-                solution=[r"\frac{63}{400}"] * 2)
+    out = score(
+        "math_accuracy",
+        conv(r"\boxed{\frac{63}{400}}", r"\boxed{\frac{64}{400}}"),
+        solution=[r"\frac{63}{400}"] * 2,
+    )
     assert out == [1.0, 0.0]
     # Unparseable gold: not applicable (None), not a fake score.
     assert score("math_accuracy", ["\\boxed{1}"], solution=["no math here at all"]) == [None]
     assert score("math_accuracy", ["\\boxed{1}"], solution=[None]) == [None]
 
 
-@pytest.mark.parametrize("content,expected", [
-    ("Step 1: First step\nStep 2: Second step\nStep 3: Third step", 1.0),
-    ("First, we do this.\nSecond, we do that.\nFinally, we conclude.", 1.0),
-    ("Step 1: Only step", 1 / 3),
-    ("First, we do this.\nFinally, we conclude.", 2 / 3),
-    ("Just plain text without any clear steps", 0.0),
-    ("1. a\n2. b\n- c", 1.0),
-])
+@pytest.mark.parametrize(
+    "content,expected",
+    [
+        ("Step 1: First step\nStep 2: Second step\nStep 3: Third step", 1.0),
+        ("First, we do this.\nSecond, we do that.\nFinally, we conclude.", 1.0),
+        ("Step 1: Only step", 1 / 3),
+        ("First, we do this.\nFinally, we conclude.", 2 / 3),
+        ("Just plain text without any clear steps", 0.0),
+        ("1. a\n2. b\n- c", 1.0),
+    ],
+)
 def test_open_r1_reasoning_steps(content, expected):
     assert score("reasoning_steps", conv(content)) == [pytest.approx(expected)]
 
 
-@pytest.mark.parametrize("content,solution,length,expected", [
-    (r"\boxed{\frac{63}{400}}", r"\frac{63}{400}", 20, 0.943),
-    (r"\boxed{\frac{63}{400}}", r"\frac{63}{400}", 80, 0.547),
-    (r"\boxed{\frac{64}{400}}", r"\frac{63}{400}", 20, -0.942),
-    (r"\boxed{\frac{64}{400}}", r"\frac{63}{400}", 80, -0.547),
-])
+@pytest.mark.parametrize(
+    "content,solution,length,expected",
+    [
+        (r"\boxed{\frac{63}{400}}", r"\frac{63}{400}", 20, 0.943),
+        (r"\boxed{\frac{63}{400}}", r"\frac{63}{400}", 80, 0.547),
+        (r"\boxed{\frac{64}{400}}", r"\frac{63}{400}", 20, -0.942),
+        (r"\boxed{\frac{64}{400}}", r"\frac{63}{400}", 80, -0.547),
+    ],
+)
 def test_open_r1_cosine(content, solution, length, expected):
-    params = dict(min_value_wrong=-1.0, max_value_wrong=-0.5, min_value_correct=0.5, max_value_correct=1.0,
-                  max_len=100)
+    params = dict(
+        min_value_wrong=-1.0, max_value_wrong=-0.5, min_value_correct=0.5, max_value_correct=1.0, max_len=100
+    )
     padded = content + " " * (length - len(content))
     out = score("cosine_length", conv(padded), solution=[solution], params=params)
     assert out[0] == pytest.approx(expected, abs=5e-3)
 
 
-@pytest.mark.parametrize("ngram,penalty,text,expected", [
-    (2, -1.0, "this is a test sentence", 0.0),
-    (2, -1.0, "this this this this this", -0.75),
-    (2, -1.0, "this is a this is a test", -1 / 3),
-    (3, -0.5, "this is a test", 0.0),
-    (3, -0.5, "test test test test", -0.25),
-    (2, -1.0, "", 0.0),
-    (3, -2.0, "this is a this is a test", -0.4),
-    (3, -1.0, "word", 0.0),
-    (3, -1.0, "two words", 0.0),
-    (3, -1.0, "word word word word", -0.5),
-    (3, -1.0, "one two one two", 0.0),
-    (3, -1.0, "A B C A B C", -0.25),
-    (3, -1.0, "A B C A B C E F G A B C A B C", -0.3846),
-    (3, -1.0, "A B C D E F G H I J K L", 0.0),
-])
+@pytest.mark.parametrize(
+    "ngram,penalty,text,expected",
+    [
+        (2, -1.0, "this is a test sentence", 0.0),
+        (2, -1.0, "this this this this this", -0.75),
+        (2, -1.0, "this is a this is a test", -1 / 3),
+        (3, -0.5, "this is a test", 0.0),
+        (3, -0.5, "test test test test", -0.25),
+        (2, -1.0, "", 0.0),
+        (3, -2.0, "this is a this is a test", -0.4),
+        (3, -1.0, "word", 0.0),
+        (3, -1.0, "two words", 0.0),
+        (3, -1.0, "word word word word", -0.5),
+        (3, -1.0, "one two one two", 0.0),
+        (3, -1.0, "A B C A B C", -0.25),
+        (3, -1.0, "A B C A B C E F G A B C A B C", -0.3846),
+        (3, -1.0, "A B C D E F G H I J K L", 0.0),
+    ],
+)
 def test_open_r1_repetition(ngram, penalty, text, expected):
     out = score("repetition_penalty", conv(text), params={"ngram_size": ngram, "max_penalty": penalty})
     assert out[0] == pytest.approx(expected, abs=1e-4)
-    assert score("repetition_penalty", conv("This is A Test"), params={"ngram_size": 2}) == \
-        score("repetition_penalty", conv("this IS a test"), params={"ngram_size": 2})
+    assert score("repetition_penalty", conv("This is A Test"), params={"ngram_size": 2}) == score(
+        "repetition_penalty", conv("this IS a test"), params={"ngram_size": 2}
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -354,8 +456,10 @@ def test_overlong_penalty_dapo():
 
 def test_levenshtein():
     f = rewards.build("levenshtein")
-    out = f(completions=["<think>hmm</think><answer>x = 2</answer>", "<think>.</think> x = 3", "abc"],
-            solution=["x = 2", "x = 2", None])
+    out = f(
+        completions=["<think>hmm</think><answer>x = 2</answer>", "<think>.</think> x = 3", "abc"],
+        solution=["x = 2", "x = 2", None],
+    )
     assert out[0] == 1.0 and 0.5 < out[1] < 1.0 and out[2] is None
 
 
@@ -363,9 +467,15 @@ def test_language_consistency():
     f = rewards.build("language_consistency")
     en = [{"role": "user", "content": "How many apples are left?"}]
     zh = [{"role": "user", "content": "还剩下多少个苹果？"}]
-    out = f(prompts=[en, en, zh, zh],
-            completions=conv("<think>We count the apples.</think>", "<think>我们 count 苹果</think>",
-                             "<think>我们数一下苹果</think>", "<think>We count the apples</think>"))
+    out = f(
+        prompts=[en, en, zh, zh],
+        completions=conv(
+            "<think>We count the apples.</think>",
+            "<think>我们 count 苹果</think>",
+            "<think>我们数一下苹果</think>",
+            "<think>We count the apples</think>",
+        ),
+    )
     assert out[0] == 1.0 and 0 < out[1] < 1 and out[2] == 1.0 and out[3] == 0.0
     assert rewards.build("language_consistency", language="cjk")(completions=["苹 apple"]) == [0.5]
 
@@ -405,7 +515,9 @@ def test_math_accuracy_outside_main_thread():
     result = {}
 
     def run():
-        result["out"] = score("math_accuracy", [r"\boxed{\frac{1}{2}}", r"\boxed{3}"], solution=["0.5", "$4$"])
+        result["out"] = score(
+            "math_accuracy", [r"\boxed{\frac{1}{2}}", r"\boxed{3}"], solution=["0.5", "$4$"]
+        )
 
     th = threading.Thread(target=run)
     th.start()
@@ -415,4 +527,6 @@ def test_math_accuracy_outside_main_thread():
 
 def test_cosine_value_range():
     out = score("cosine_length", ["\\boxed{2}" + " " * 5000, "\\boxed{3}"], solution=["2", "2"])
-    assert out[0] == pytest.approx(0.5) and out[1] == pytest.approx(-1.0 + 0.5 * 0.5 * (1 - math.cos(9 / 1000 * math.pi)), abs=1e-6)
+    assert out[0] == pytest.approx(0.5) and out[1] == pytest.approx(
+        -1.0 + 0.5 * 0.5 * (1 - math.cos(9 / 1000 * math.pi)), abs=1e-6
+    )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from lowmem_r1.cli import app
@@ -76,16 +75,22 @@ def test_check_gsm8k_recipe_on_local_data(gsm8k_dir):
     recipe = load_recipe(REPO / "recipes" / "gsm8k.toml", [f"data.source={gsm8k_dir}"])
     report = check_gold(recipe, limit=200)
     assert report.ok, [(c.name, c.at_full, c.scored) for c in report.checks]
-    assert {c.name for c in report.checks} >= {"answer_match", "integer_answer", "xml_strict_format", "xml_count"}
+    assert {c.name for c in report.checks} >= {
+        "answer_match",
+        "integer_answer",
+        "xml_strict_format",
+        "xml_count",
+    }
     assert all(c.at_full == c.scored == 200 for c in report.checks)
 
 
 def test_check_countdown_recipe_with_assistant_prefix(base_model_dir):
     """The countdown recipe opens <think> in the assistant turn: the gold completions lack it, the prompt
     ends with it, and think_format must still give full marks."""
-    recipe = load_recipe(REPO / "recipes" / "countdown.toml",
-                         ["model.name=builtin:smollm2-135m-instruct", "data.source=builtin:countdown",
-                          "data.generator.n=600"])
+    recipe = load_recipe(
+        REPO / "recipes" / "countdown.toml",
+        ["model.name=builtin:smollm2-135m-instruct", "data.source=builtin:countdown", "data.generator.n=600"],
+    )
     report = check_gold(recipe, limit=64)
     assert report.ok, report.explain()
     assert all(c.at_full == c.scored == 64 for c in report.checks)

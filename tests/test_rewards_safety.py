@@ -13,19 +13,61 @@ from lowmem_r1 import rewards
 
 NAMES = sorted(rewards.REGISTRY)
 FUNCS = {name: rewards.build(name) for name in NAMES}
-TAGS = ["<think>", "</think>", "<answer>", "</answer>", "<reasoning>", "</reasoning>", "\\boxed{", "}", "{",
-        "\n", " ", "Step 1:", "1.", "First,", "$", "\\frac{1}{2}", "1,000", "(", ")", "*", "/", "-", "苹果", "42"]
+TAGS = [
+    "<think>",
+    "</think>",
+    "<answer>",
+    "</answer>",
+    "<reasoning>",
+    "</reasoning>",
+    "\\boxed{",
+    "}",
+    "{",
+    "\n",
+    " ",
+    "Step 1:",
+    "1.",
+    "First,",
+    "$",
+    "\\frac{1}{2}",
+    "1,000",
+    "(",
+    ")",
+    "*",
+    "/",
+    "-",
+    "苹果",
+    "42",
+]
 
 # Text built from the pieces rewards look for, so the properties exercise the parsers, not just the misses.
 tagged_text = st.lists(st.one_of(st.sampled_from(TAGS), st.text(max_size=8)), max_size=40).map("".join)
-any_text = st.one_of(st.text(max_size=300), tagged_text, st.binary(max_size=200).map(
-    lambda b: b.decode("latin-1")))
-completion = st.one_of(any_text, any_text.map(lambda t: [{"role": "assistant", "content": t}]), st.none(),
-                       st.binary(max_size=50), st.integers(), st.just([]), st.just([{"role": "assistant"}]))
-column_value = st.one_of(st.none(), any_text, st.integers(-10**6, 10**6), st.floats(allow_nan=True),
-                         st.lists(st.integers(-1000, 1000), max_size=6), st.text(max_size=20))
-prompt = st.one_of(st.none(), any_text, any_text.map(lambda t: [{"role": "user", "content": t}]),
-                   any_text.map(lambda t: [{"role": "user", "content": "q"}, {"role": "assistant", "content": t}]))
+any_text = st.one_of(
+    st.text(max_size=300), tagged_text, st.binary(max_size=200).map(lambda b: b.decode("latin-1"))
+)
+completion = st.one_of(
+    any_text,
+    any_text.map(lambda t: [{"role": "assistant", "content": t}]),
+    st.none(),
+    st.binary(max_size=50),
+    st.integers(),
+    st.just([]),
+    st.just([{"role": "assistant"}]),
+)
+column_value = st.one_of(
+    st.none(),
+    any_text,
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True),
+    st.lists(st.integers(-1000, 1000), max_size=6),
+    st.text(max_size=20),
+)
+prompt = st.one_of(
+    st.none(),
+    any_text,
+    any_text.map(lambda t: [{"role": "user", "content": t}]),
+    any_text.map(lambda t: [{"role": "user", "content": "q"}, {"role": "assistant", "content": t}]),
+)
 
 COLUMNS = ("answer", "solution", "nums", "target")
 
@@ -38,7 +80,9 @@ def _check(out, n):
 
 def _call(name, prompts, completions, cols, ids=None):
     t = time.perf_counter()
-    out = FUNCS[name](prompts=prompts, completions=completions, completion_ids=ids, trainer_state=None, **cols)
+    out = FUNCS[name](
+        prompts=prompts, completions=completions, completion_ids=ids, trainer_state=None, **cols
+    )
     elapsed = time.perf_counter() - t
     _check(out, len(completions))
     return out, elapsed
@@ -52,7 +96,9 @@ def test_any_input_scores_without_raising(name, data):
     completions = data.draw(st.lists(completion, min_size=n, max_size=n))
     prompts = data.draw(st.one_of(st.none(), st.lists(prompt, min_size=n, max_size=n)))
     cols = {c: data.draw(st.lists(column_value, min_size=n, max_size=n)) for c in COLUMNS}
-    ids = data.draw(st.one_of(st.none(), st.lists(st.lists(st.integers(0, 9), max_size=5), min_size=n, max_size=n)))
+    ids = data.draw(
+        st.one_of(st.none(), st.lists(st.lists(st.integers(0, 9), max_size=5), min_size=n, max_size=n))
+    )
     _, elapsed = _call(name, prompts, completions, cols, ids)
     assert elapsed < 2.0
 
@@ -81,10 +127,16 @@ ADVERSARIAL = [
 
 @pytest.mark.parametrize("name", NAMES)
 def test_adversarial_batch_is_bounded(name):
-    cols = {"answer": ["1"] * len(ADVERSARIAL), "solution": ["$\\frac{1}{2}$"] * len(ADVERSARIAL),
-            "nums": [[1, 2, 3]] * len(ADVERSARIAL), "target": [6] * len(ADVERSARIAL)}
+    cols = {
+        "answer": ["1"] * len(ADVERSARIAL),
+        "solution": ["$\\frac{1}{2}$"] * len(ADVERSARIAL),
+        "nums": [[1, 2, 3]] * len(ADVERSARIAL),
+        "target": [6] * len(ADVERSARIAL),
+    }
     convs = [[{"role": "assistant", "content": t}] for t in ADVERSARIAL]
-    prompts = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>"}]] * len(ADVERSARIAL)
+    prompts = [[{"role": "user", "content": "q"}, {"role": "assistant", "content": "<think>"}]] * len(
+        ADVERSARIAL
+    )
     _, elapsed = _call(name, prompts, convs, cols)
     assert elapsed < 10.0, f"{name} took {elapsed:.1f}s on the adversarial batch"
 

@@ -7,5 +7,5 @@
 Importing this package is cheap: math-verify and friends load inside the rewards that need them.
 """
 
-from .registry import REGISTRY, REQUIRED, RewardFunc, RewardSpec, build, check, register  # noqa: F401
 from . import library as _library  # noqa: F401  (registers the builtin rewards)
+from .registry import REGISTRY, REQUIRED, RewardFunc, RewardSpec, build, check, register  # noqa: F401

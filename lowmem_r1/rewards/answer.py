@@ -18,7 +18,7 @@ def _check_mode(extract: str) -> str:
 
 @register(
     "integer_answer",
-    "1 if the extracted answer is an integer (\"42\", \"-7\", \"1,000\"); GSM8K GRPO int reward (the seed "
+    '1 if the extracted answer is an integer ("42", "-7", "1,000"); GSM8K GRPO int reward (the seed '
     "scores it 0.5: use weight = 0.5). extract: auto | tag | boxed | last_number.",
     best=1.0,
     extract="tag",
@@ -52,8 +52,10 @@ def answer_match(extract: str = "auto"):
     def reward(prompts=None, completions=None, **kwargs):
         texts, prefixes = batch(prompts, completions)
         golds = column(kwargs, "answer", len(texts))
-        return [None if g is None else 1.0 if answers_equal(extract_answer(p + t, extract), g) else 0.0
-                for t, p, g in zip(texts, prefixes, golds)]
+        return [
+            None if g is None else 1.0 if answers_equal(extract_answer(p + t, extract), g) else 0.0
+            for t, p, g in zip(texts, prefixes, golds)
+        ]
 
     return reward
 
@@ -69,8 +71,10 @@ def boxed_match():
     def reward(prompts=None, completions=None, **kwargs):
         texts, _ = batch(prompts, completions)
         golds = column(kwargs, "answer", len(texts))
-        return [None if g is None else 1.0 if answers_equal(last_boxed(t), g) else 0.0
-                for t, g in zip(texts, golds)]
+        return [
+            None if g is None else 1.0 if answers_equal(last_boxed(t), g) else 0.0
+            for t, g in zip(texts, golds)
+        ]
 
     return reward
 
@@ -79,7 +83,7 @@ def after_think(text: str) -> str:
     """What follows the last </think> (the whole text when there is none); the answer inside <answer>
     tags when present."""
     i = text.rfind("</think>")
-    rest = text[i + len("</think>"):] if i >= 0 else text
+    rest = text[i + len("</think>") :] if i >= 0 else text
     tagged = answer_tag(rest)
     return (tagged if tagged is not None else rest).strip()
 
@@ -107,8 +111,11 @@ def levenshtein(max_chars: int = 20000):
             if g is None:
                 out.append(None)
                 continue
-            out.append(float(Levenshtein.normalized_similarity(after_think(t)[:max_chars],
-                                                               str(g).strip()[:max_chars])))
+            out.append(
+                float(
+                    Levenshtein.normalized_similarity(after_think(t)[:max_chars], str(g).strip()[:max_chars])
+                )
+            )
         return out
 
     return reward

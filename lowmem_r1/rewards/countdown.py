@@ -143,7 +143,9 @@ def countdown_equation():
     def reward(prompts=None, completions=None, **kwargs):
         texts, _ = batch(prompts, completions)
         n = len(texts)
-        return [equation_score(t, nums, target)
-                for t, nums, target in zip(texts, column(kwargs, "nums", n), column(kwargs, "target", n))]
+        return [
+            equation_score(t, nums, target)
+            for t, nums, target in zip(texts, column(kwargs, "nums", n), column(kwargs, "target", n))
+        ]
 
     return reward

@@ -41,8 +41,11 @@ def completion_text(completion: Any) -> str:
         if not completion:
             return ""
         # Conversational: the assistant's turn(s) of this completion; usually exactly one message.
-        parts = [_content_text(m.get("content")) for m in completion if isinstance(m, dict)
-                 and m.get("role", "assistant") == "assistant"]
+        parts = [
+            _content_text(m.get("content"))
+            for m in completion
+            if isinstance(m, dict) and m.get("role", "assistant") == "assistant"
+        ]
         if parts:
             return "".join(parts)
         return "".join(completion_text(m) for m in completion if isinstance(m, (str, dict)))
@@ -57,16 +60,25 @@ def _content_text(content: Any) -> str:
     if isinstance(content, (bytes, bytearray)):
         return bytes(content).decode("utf-8", errors="replace")
     if isinstance(content, (list, tuple)):  # multimodal parts: [{"type": "text", "text": ...}]
-        return "".join(p.get("text") or "" if isinstance(p, dict) and isinstance(p.get("text"), str)
-                       else p if isinstance(p, str) else "" for p in content)
+        return "".join(
+            p.get("text") or ""
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+            else p
+            if isinstance(p, str)
+            else ""
+            for p in content
+        )
     return ""
 
 
 def prompt_text(prompt: Any, roles: tuple[str, ...] | None = None) -> str:
     """The text of a prompt (a str, or the contents of its messages, only those of `roles` if given)."""
     if isinstance(prompt, (list, tuple)):
-        return "\n".join(_content_text(m.get("content")) for m in prompt
-                         if isinstance(m, dict) and (roles is None or m.get("role") in roles))
+        return "\n".join(
+            _content_text(m.get("content"))
+            for m in prompt
+            if isinstance(m, dict) and (roles is None or m.get("role") in roles)
+        )
     return completion_text(prompt)
 
 
@@ -90,7 +102,7 @@ def assistant_prefix(prompt: Any) -> str:
     stripped = tail.rstrip()
     for tag in OPEN_TAGS:
         if stripped.endswith(tag):
-            return tag + tail[len(stripped):]
+            return tag + tail[len(stripped) :]
     return ""
 
 
@@ -145,7 +157,7 @@ def answer_tag(text: str) -> str | None:
     start = text.rfind("<answer>", 0, end)
     if start < 0:
         return None
-    return text[start + len("<answer>"):end].strip()
+    return text[start + len("<answer>") : end].strip()
 
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -176,7 +188,7 @@ def last_boxed(text: str, max_candidates: int = 16) -> str | None:
         for b in _BRACE.finditer(text, m.end(), min(len(text), m.end() + MAX_ANSWER_CHARS)):
             depth += 1 if b.group() == "{" else -1
             if depth == 0:
-                content = text[m.end():b.start()].strip()
+                content = text[m.end() : b.start()].strip()
                 if content:
                     return content
                 break
@@ -307,7 +319,7 @@ def normalize_text(s: Any) -> str:
     """Lower-case, unwrapped ($...$, \\text{}), single-spaced, without a final period."""
     if not isinstance(s, str):
         s = "" if s is None else str(s)
-    s = _unwrap(s[:MAX_ANSWER_CHARS * 2])
+    s = _unwrap(s[: MAX_ANSWER_CHARS * 2])
     s = _SPACES.sub(" ", s).strip().lower()
     return s.rstrip(".").strip()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from .extract import batch
 from .registry import register
 
+
 def _shape(text: str, first: str, second: str, newlines: bool) -> bool:
     """text == <first>A</first> ws <second>B</second> (surrounding whitespace allowed), each tag exactly
     once; with `newlines`, each tag on its own line as the strict seeds write it. Only str methods (C
@@ -22,16 +23,20 @@ def _shape(text: str, first: str, second: str, newlines: bool) -> bool:
     if s.count(o1) != 1 or s.count(c1) != 1 or s.count(o2) != 1 or s.count(c2) != 1:
         return False
     i, j = s.find(c1), s.find(o2)
-    if not len(o1) <= i < j <= len(s) - len(c2) - len(o2) or s[i + len(c1):j].strip():
+    if not len(o1) <= i < j <= len(s) - len(c2) - len(o2) or s[i + len(c1) : j].strip():
         return False
     if newlines:
-        return (text.startswith(o1) and _lines(s, len(o1), i) and s[i + len(c1):j] == "\n"
-                and _lines(s, j + len(o2), len(s) - len(c2)))
+        return (
+            text.startswith(o1)
+            and _lines(s, len(o1), i)
+            and s[i + len(c1) : j] == "\n"
+            and _lines(s, j + len(o2), len(s) - len(c2))
+        )
     return True
 
 
 def _lines(s: str, start: int, end: int) -> bool:
-    """s[start:end] is "\n...\n": a newline after the opening and before the closing tag."""
+    """s[start:end] is newline, text, newline: the tags sit on their own lines."""
     return end - start >= 2 and s[start] == "\n" and s[end - 1] == "\n"
 
 
@@ -48,8 +53,10 @@ def think_format(newlines: bool = False):
 
     def reward(prompts=None, completions=None, **kwargs):
         texts, prefixes = batch(prompts, completions)
-        return [1.0 if _shape(p + t if p else t, "think", "answer", newlines) else 0.0
-                for t, p in zip(texts, prefixes)]
+        return [
+            1.0 if _shape(p + t if p else t, "think", "answer", newlines) else 0.0
+            for t, p in zip(texts, prefixes)
+        ]
 
     return reward
 
@@ -71,8 +78,11 @@ def xml_strict_format():
 def _strict_xml(text: str) -> bool:
     # The seed's `^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$`, with multi-line reasoning
     # allowed (the seed forgot re.DOTALL, so it never matched real multi-line reasoning).
-    return text.startswith("<reasoning>\n") and text.endswith("\n</answer>\n") and \
-        _shape(text, "reasoning", "answer", True)
+    return (
+        text.startswith("<reasoning>\n")
+        and text.endswith("\n</answer>\n")
+        and _shape(text, "reasoning", "answer", True)
+    )
 
 
 @register(
@@ -84,8 +94,10 @@ def _strict_xml(text: str) -> bool:
 def xml_soft_format():
     def reward(prompts=None, completions=None, **kwargs):
         texts, prefixes = batch(prompts, completions)
-        return [1.0 if _shape(p + t if p else t, "reasoning", "answer", False) else 0.0
-                for t, p in zip(texts, prefixes)]
+        return [
+            1.0 if _shape(p + t if p else t, "reasoning", "answer", False) else 0.0
+            for t, p in zip(texts, prefixes)
+        ]
 
     return reward
 

@@ -23,10 +23,17 @@ from .registry import register
     max_len=1000,
     timeout=0.5,
 )
-def cosine_length(min_value_wrong=-1.0, max_value_wrong=-0.5, min_value_correct=0.5, max_value_correct=1.0,
-                  max_len=1000, timeout=0.5):
-    lo_w, hi_w, lo_c, hi_c = (float(v) for v in (min_value_wrong, max_value_wrong, min_value_correct,
-                                                  max_value_correct))
+def cosine_length(
+    min_value_wrong=-1.0,
+    max_value_wrong=-0.5,
+    min_value_correct=0.5,
+    max_value_correct=1.0,
+    max_len=1000,
+    timeout=0.5,
+):
+    lo_w, hi_w, lo_c, hi_c = (
+        float(v) for v in (min_value_wrong, max_value_wrong, min_value_correct, max_value_correct)
+    )
     max_len = int(max_len)
     if max_len <= 0:
         raise ValueError("max_len must be positive")

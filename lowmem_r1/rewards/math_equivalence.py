@@ -67,7 +67,9 @@ class _deadline:
         finally:
             signal.signal(signal.SIGALRM, self.old_handler)
         if self.old_timer[0] > 0:  # someone else's timer was running: give it back what is left
-            signal.setitimer(signal.ITIMER_REAL, max(1e-3, self.old_timer[0] - self.seconds), self.old_timer[1])
+            signal.setitimer(
+                signal.ITIMER_REAL, max(1e-3, self.old_timer[0] - self.seconds), self.old_timer[1]
+            )
         return False
 
 
@@ -121,8 +123,14 @@ def answer_region(text: str) -> tuple[str, bool]:
 def _parse_pred(region: str, plain: bool) -> tuple:
     mv = _math_verify()
     try:
-        return tuple(mv.parse(region, extraction_config=_pred_config(plain), extraction_mode="first_match",
-                              parsing_timeout=None))
+        return tuple(
+            mv.parse(
+                region,
+                extraction_config=_pred_config(plain),
+                extraction_mode="first_match",
+                parsing_timeout=None,
+            )
+        )
     except Exception:
         return ()
 
@@ -200,8 +208,9 @@ def _in_child(golds: list, texts: list[str], timeout: float) -> list[float | Non
             # child (imports of math-verify and sympy, slow on a loaded machine).
             return job.get(timeout=timeout * (len(texts) + 1) + 120)
         except Exception as e:
-            logging.getLogger(__name__).warning("math-verify worker failed (%s: %s); this batch scores 0",
-                                                type(e).__name__, e)
+            logging.getLogger(__name__).warning(
+                "math-verify worker failed (%s: %s); this batch scores 0", type(e).__name__, e
+            )
             pool.terminate()
             _POOL = None
             return [0.0 if isinstance(g, str) and g.strip() else None for g in golds]

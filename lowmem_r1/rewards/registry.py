@@ -78,7 +78,9 @@ def check(name: str, params: dict[str, Any]) -> RewardSpec:
         )
     missing = [p for p, d in spec.params.items() if d is REQUIRED and p not in params]
     if missing:
-        raise UserError(f"reward '{name}' needs parameter {missing[0]!r}; add {missing[0]} = ... to its table")
+        raise UserError(
+            f"reward '{name}' needs parameter {missing[0]!r}; add {missing[0]} = ... to its table"
+        )
     return spec
 
 
@@ -105,7 +107,9 @@ def load_user_reward(ref: str) -> RewardFunc:
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
-            raise UserError(f"reward {ref!r}: file {path} not found; check the path (relative to where you run)")
+            raise UserError(
+                f"reward {ref!r}: file {path} not found; check the path (relative to where you run)"
+            )
         mod_name = f"lowmem_r1_user_{path.stem}"
         spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(spec)
@@ -118,7 +122,9 @@ def load_user_reward(ref: str) -> RewardFunc:
         try:
             module = importlib.import_module(target)
         except Exception as e:
-            raise UserError(f"reward {ref!r}: cannot import module {target!r} ({type(e).__name__}: {e})") from None
+            raise UserError(
+                f"reward {ref!r}: cannot import module {target!r} ({type(e).__name__}: {e})"
+            ) from None
     func = getattr(module, attr, None)
     if not callable(func):
         raise UserError(f"reward {ref!r}: {target} has no function {attr!r}")

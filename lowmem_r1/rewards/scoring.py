@@ -21,8 +21,11 @@ def reward_table():
     from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=escape("Rewards: in a recipe, [[rewards]] name = ..., weight = ..., <parameter> = ..."),
-                  show_lines=True, expand=True)
+    table = Table(
+        title=escape("Rewards: in a recipe, [[rewards]] name = ..., weight = ..., <parameter> = ..."),
+        show_lines=True,
+        expand=True,
+    )
     table.add_column("name", no_wrap=True)
     table.add_column("parameters (defaults)", no_wrap=True)
     table.add_column("columns", no_wrap=True)
@@ -30,10 +33,17 @@ def reward_table():
     table.add_column("what it scores", ratio=1)
     for name in sorted(REGISTRY):
         spec = REGISTRY[name]
-        params = "\n".join(f"{k}={'<required>' if v is REQUIRED else repr(v)}" for k, v in spec.params.items())
+        params = "\n".join(
+            f"{k}={'<required>' if v is REQUIRED else repr(v)}" for k, v in spec.params.items()
+        )
         best = spec.full_marks()
-        table.add_row(name, escape(params) or "-", "\n".join(spec.columns) or "-",
-                      "-" if best is None else f"{best:g}", escape(spec.description))
+        table.add_row(
+            name,
+            escape(params) or "-",
+            "\n".join(spec.columns) or "-",
+            "-" if best is None else f"{best:g}",
+            escape(spec.description),
+        )
     return table
 
 
@@ -55,8 +65,16 @@ def recipe_rewards(recipe) -> list[_Reward]:
     out = []
     for entry in recipe.rewards:
         spec = check(entry.name, entry.params)
-        out.append(_Reward(entry.name, entry.weight, spec, build(entry.name, **entry.params), entry.params,
-                           entry.on_error))
+        out.append(
+            _Reward(
+                entry.name,
+                entry.weight,
+                spec,
+                build(entry.name, **entry.params),
+                entry.params,
+                entry.on_error,
+            )
+        )
     return out
 
 
@@ -67,8 +85,10 @@ def _call(reward: _Reward, prompts: list, completions: list, columns: dict, comp
     except Exception as e:
         return [f"error: {type(e).__name__}: {e}"] * len(completions)
     if not isinstance(out, (list, tuple)) or len(out) != len(completions):
-        return [f"error: returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}, "
-                f"expected a list of {len(completions)}"] * len(completions)
+        return [
+            f"error: returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}, "
+            f"expected a list of {len(completions)}"
+        ] * len(completions)
     return list(out)
 
 
@@ -137,15 +157,27 @@ class ScoreReport:
             if _is_number(s):
                 table.add_row(escape(name), f"{s:.4g}", f"{w:g}", f"{w * s:.4g}")
             else:
-                table.add_row(escape(name), "n/a (None)" if s is None else escape(str(s)[:120]), f"{w:g}", "-")
+                table.add_row(
+                    escape(name), "n/a (None)" if s is None else escape(str(s)[:120]), f"{w:g}", "-"
+                )
         from rich.console import Group
         from rich.text import Text
 
-        prompt = self.prompt if isinstance(self.prompt, str) else "\n".join(
-            f"[{m.get('role')}] {m.get('content')}" for m in self.prompt or [] if isinstance(m, dict))
+        prompt = (
+            self.prompt
+            if isinstance(self.prompt, str)
+            else "\n".join(
+                f"[{m.get('role')}] {m.get('content')}" for m in self.prompt or [] if isinstance(m, dict)
+            )
+        )
         cols = ", ".join(f"{k}={_short(v)}" for k, v in self.row.items() if k != "prompt")
-        return Group(Text(f"prompt:\n{_short(prompt, 600)}\ncolumns: {cols}\ncompletion:\n{_short(self.completion, 600)}\n"),
-                     table)
+        return Group(
+            Text(
+                f"prompt:\n{_short(prompt, 600)}\ncolumns: {cols}\n"
+                f"completion:\n{_short(self.completion, 600)}\n"
+            ),
+            table,
+        )
 
 
 def _short(v: Any, width: int = 120) -> str:
@@ -165,8 +197,13 @@ def score_completion(recipe, completion: str, row_index: int = 0, columns: dict 
     prompt = row.get("prompt")
     scores = []
     for r in recipe_rewards(recipe):
-        out = _call(r, [prompt], [_as_completion(completion, prompt)], {k: [v] for k, v in _columns(row).items()},
-                    _ids(tokenizer, [completion]))
+        out = _call(
+            r,
+            [prompt],
+            [_as_completion(completion, prompt)],
+            {k: [v] for k, v in _columns(row).items()},
+            _ids(tokenizer, [completion]),
+        )
         scores.append((r.name, r.weight, out[0]))
     return ScoreReport(row, prompt, completion, scores)
 
@@ -205,8 +242,11 @@ class CheckReport:
     @property
     def failures(self) -> list[RewardCheck]:
         """Rewards with full marks that too few gold answers reach (errors always fail)."""
-        return [c for c in self.checks if c.errors or (c.full_marks is not None and c.scored and
-                                                         (c.share or 0.0) < self.min_share)]
+        return [
+            c
+            for c in self.checks
+            if c.errors or (c.full_marks is not None and c.scored and (c.share or 0.0) < self.min_share)
+        ]
 
     @property
     def ok(self) -> bool:
@@ -218,16 +258,29 @@ class CheckReport:
 
         table = Table(title=f"Gold answers of {self.rows} row(s), written in the recipe's answer format")
         for col in ("reward", "full marks", "at full marks", "mean", "n/a", "verdict"):
-            table.add_column(col, justify="left" if col in ("reward", "verdict") else "right",
-                             no_wrap=col != "verdict")
+            table.add_column(
+                col, justify="left" if col in ("reward", "verdict") else "right", no_wrap=col != "verdict"
+            )
         failing = {id(c) for c in self.failures}
         for c in self.checks:
             share = "-" if c.share is None else f"{c.at_full}/{c.scored} ({100 * c.share:.0f}%)"
-            verdict = ("FAIL" if id(c) in failing else "ok" if c.full_marks is not None and c.scored
-                       else "shaping reward (no full marks)" if c.full_marks is None else "nothing to score")
-            table.add_row(escape(c.name), "-" if c.full_marks is None else f"{c.full_marks:g}",
-                          share if c.full_marks is not None else "-",
-                          "-" if c.mean is None else f"{c.mean:.4g}", str(c.not_applicable), verdict)
+            verdict = (
+                "FAIL"
+                if id(c) in failing
+                else "ok"
+                if c.full_marks is not None and c.scored
+                else "shaping reward (no full marks)"
+                if c.full_marks is None
+                else "nothing to score"
+            )
+            table.add_row(
+                escape(c.name),
+                "-" if c.full_marks is None else f"{c.full_marks:g}",
+                share if c.full_marks is not None else "-",
+                "-" if c.mean is None else f"{c.mean:.4g}",
+                str(c.not_applicable),
+                verdict,
+            )
         return table
 
     def explain(self) -> list[str]:
@@ -237,8 +290,10 @@ class CheckReport:
             if c.example is None:
                 continue
             ex = c.example
-            lines.append(f"{c.name}: row {ex['row']} scored {ex['score']!r} (full marks {c.full_marks}); "
-                         f"columns {ex['columns']}; gold completion:\n{ex['completion']}")
+            lines.append(
+                f"{c.name}: row {ex['row']} scored {ex['score']!r} (full marks {c.full_marks}); "
+                f"columns {ex['columns']}; gold completion:\n{ex['completion']}"
+            )
         return lines
 
 
@@ -266,8 +321,13 @@ def check_gold(recipe, limit: int = 200, min_share: float = 0.9) -> CheckReport:
         c = RewardCheck(r.name, best)
         for start in range(0, n, 64):
             end = min(n, start + 64)
-            out = _call(r, prompts[start:end], completions[start:end], {k: v[start:end] for k, v in columns.items()},
-                        None if ids is None else ids[start:end])
+            out = _call(
+                r,
+                prompts[start:end],
+                completions[start:end],
+                {k: v[start:end] for k, v in columns.items()},
+                None if ids is None else ids[start:end],
+            )
             for i, s in enumerate(out, start):
                 if s is None:
                     c.not_applicable += 1
@@ -281,8 +341,12 @@ def check_gold(recipe, limit: int = 200, min_share: float = 0.9) -> CheckReport:
                     s_ok = best is None or s >= best - 1e-9
                     c.at_full += int(best is not None and s_ok)
                 if not s_ok and c.example is None:
-                    c.example = {"row": i, "score": s, "completion": golds[i][:600],
-                                 "columns": {k: v[i] for k, v in columns.items()}}
+                    c.example = {
+                        "row": i,
+                        "score": s,
+                        "completion": golds[i][:600],
+                        "columns": {k: v[i] for k, v in columns.items()},
+                    }
         report.checks.append(c)
     return report
 

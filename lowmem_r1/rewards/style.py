@@ -98,7 +98,7 @@ def _reasoning(text: str) -> str:
         i = text.find(open_)
         if i >= 0:
             j = text.find(close, i)
-            return text[i + len(open_):j if j >= 0 else len(text)]
+            return text[i + len(open_) : j if j >= 0 else len(text)]
     return text
 
 
@@ -117,7 +117,11 @@ def language_consistency(language="auto"):
 
     def reward(prompts=None, completions=None, **kwargs):
         texts, prefixes = batch(prompts, completions)
-        plist = prompts if isinstance(prompts, (list, tuple)) and len(prompts) == len(texts) else [None] * len(texts)
+        plist = (
+            prompts
+            if isinstance(prompts, (list, tuple)) and len(prompts) == len(texts)
+            else [None] * len(texts)
+        )
         out, cache = [], {}
         for t, p, prompt in zip(texts, prefixes, plist):
             target = language
