@@ -249,6 +249,9 @@ def recipe_from_dict(
         raise UserError(f"{source}: {e.key}: {e.message}") from None
     if check_rewards:
         check_recipe_rewards(recipe, source)
+    from .data import check_prompt
+
+    check_prompt(recipe, source)
     return recipe
 
 
