@@ -379,6 +379,7 @@ def _export_kquant(model_dir: Path, out_path: Path, qtype: str, verify: bool, lo
 # Max |logit diff| vs the merged model, and the share of probe positions whose top token must agree.
 GGUF_TOL = {"f32": (1e-3, 1.0), "f16": (0.5, 0.95), "bf16": (1.5, 0.9), "q8_0": (2.0, 0.9)}
 DEFAULT_TOL = (8.0, 0.6)  # 4-6 bit types: a sanity bound, not a quality claim
+_REFERENCE: dict = {}  # the merged model's outputs, reused across the GGUF types of one merge
 
 
 def read_back(path: Path) -> dict:
@@ -412,12 +413,10 @@ def verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None =
     import gc
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.utils import logging as hf_logging
 
-    from .merge import PROBES
-
-    hf_logging.disable_progress_bar()  # the GGUF loader's per-tensor bar would flood the merge log
+    from .merge import PROBES, checkpoint_shards
 
     path, model_dir = Path(path), Path(model_dir)
     info = read_back(path)
@@ -443,18 +442,31 @@ def verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None =
                                    return_tensors="pt", return_dict=True)["input_ids"] \
         if tok.chat_template else inputs[0]
 
+    # The same generation settings for both (a GGUF-loaded model's generation_config is rebuilt from metadata).
+    gen = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+
     def run(model):
         with torch.no_grad():
             logits = [model(input_ids=ids).logits.float()[0] for ids in inputs]
-            greedy = model.generate(chat, max_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id
-                                    or tok.eos_token_id)[0, chat.shape[1]:].tolist()
+            greedy = model.generate(chat, generation_config=gen)[0, chat.shape[1]:].tolist()
         return logits, greedy
 
-    ref_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
-    ref, ref_greedy = run(ref_model.eval())
-    del ref_model
-    gc.collect()
-    g_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    key = (str(model_dir.resolve()), *[(s.stat().st_size, s.stat().st_mtime_ns) for s in checkpoint_shards(model_dir)])
+    if key not in _REFERENCE:  # one reference run per merged model, however many GGUF types
+        _REFERENCE.clear()
+        ref_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        _REFERENCE[key] = run(ref_model.eval())
+        del ref_model
+        gc.collect()
+    ref, ref_greedy = _REFERENCE[key]
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # the GGUF loader's per-tensor bar would flood the merge log
+    try:
+        g_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
     got, got_greedy = run(g_model.eval())
     del g_model
     gc.collect()
