@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import IO, Iterator
 
 from .inference import Generator, ModelRef, Sampling, load_generator, resolve_ref
@@ -158,7 +159,7 @@ class ChatOptions:
 
 def chat(model: str | None, opts: ChatOptions, prompt: str | None = None, compare: str | None = None,
          stdin: IO[str] | None = None, stdout: IO[str] | None = None, stderr: IO[str] | None = None) -> int:
-    """One-shot (`prompt`) or interactive chat; `compare` names a second model (\"\" = the run's base)."""
+    """One-shot (`prompt`) or interactive chat; `compare` names a second model ("base": the run's base)."""
     from rich.console import Console
 
     stdout, stderr = stdout or sys.stdout, stderr or sys.stderr
@@ -168,7 +169,8 @@ def chat(model: str | None, opts: ChatOptions, prompt: str | None = None, compar
         conv = _conversation(ref, opts)
         other = None
         if compare is not None:
-            other_ref = ref.base_only() if compare == "" else resolve_ref(compare)
+            use_base = compare in ("", "base") and not Path(compare or "base").exists()
+            other_ref = ref.base_only() if use_base else resolve_ref(compare)
             other = _conversation(other_ref, opts, like=conv)
     if prompt is not None:
         if other is not None:

@@ -226,8 +226,7 @@ def chat(
     ),
     prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Answer once and exit: the answer alone on stdout."),
     compare: Optional[str] = typer.Option(
-        None, "--compare", help="Ask a second model too, side by side (alone: the run's base model).",
-        is_flag=False, flag_value="",
+        None, "--compare", help="Ask a second model too, side by side; `base` = the run's base model.",
     ),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the run's trained one)."),
     think: bool = typer.Option(True, "--think/--no-think", help="Show the <think>/<reasoning> part (dimmed)."),

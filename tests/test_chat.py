@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.chat import ChatOptions, Conversation, ReasoningSplitter, chat, repl, split_reasoning
+from lowmem_r1.chat import (ChatOptions, Conversation, ReasoningSplitter, chat, repl, split_reasoning,
+                            trained_format)
 from lowmem_r1.errors import UserError
-from lowmem_r1.inference import Sampling, choose_engine, load_generator, newest_model, resolve_ref
+from lowmem_r1.inference import ModelRef, Sampling, choose_engine, load_generator, newest_model, resolve_ref
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=10)
 REPO = Path(__file__).resolve().parent.parent
@@ -166,8 +167,29 @@ def test_one_shot_streams_the_same_text_as_batch_generation(lora_run_dir):
     assert gen.extra["last_completion"].tokens == batch.tokens
 
 
-def test_multi_turn_uses_the_chat_template(base_model_dir):
-    gen = load_generator(resolve_ref(str(base_model_dir)), "hf")
+@pytest.fixture(scope="module")
+def base_gen(base_model_dir):
+    return load_generator(resolve_ref(str(base_model_dir)), "hf")
+
+
+def test_trained_format_and_assistant_prefix(tmp_path, base_gen):
+    """A run trained with the r1 preset and an assistant prefix is chatted with in that format."""
+    (tmp_path / "recipe.toml").write_text(
+        '[prompt]\nsystem = "r1"\nassistant_prefix = "Let me solve this step by step.\\n<think>"\n\n'
+        '[[rewards]]\nname = "think_format"\n'
+    )
+    system, prefix = trained_format(ModelRef("unused", None, tmp_path))
+    assert system.startswith("A conversation between User and Assistant") and prefix.endswith("<think>")
+    conv = Conversation(base_gen, system=system, assistant_prefix=prefix)
+    ids, inside = conv.prompt_ids("What is 3 + 5?")
+    assert inside  # the completion starts inside <think>: shown dimmed until </think>
+    rendered = base_gen.tokenizer.decode(ids)
+    assert rendered.endswith("<|im_start|>assistant\nLet me solve this step by step.\n<think>")
+    assert rendered.count("<|im_end|>") == 2  # system and user turns closed, the assistant turn left open
+
+
+def test_multi_turn_uses_the_chat_template(base_gen):
+    gen = base_gen
     conv = Conversation(gen, system="You are terse.")
     _, first = conv.reply_text("Say hi.", GREEDY)
     ids, _ = conv.prompt_ids("And again?")
@@ -179,7 +201,7 @@ def test_multi_turn_uses_the_chat_template(base_model_dir):
 def test_compare_shows_base_and_tuned_side_by_side(lora_run_dir, answers, monkeypatch):
     monkeypatch.setenv("COLUMNS", "400")
     buf = io.StringIO()
-    chat(str(lora_run_dir), ChatOptions(GREEDY), prompt="What is 3 + 5?", compare="", stdout=buf, stderr=io.StringIO())
+    chat(str(lora_run_dir), ChatOptions(GREEDY), prompt="What is 3 + 5?", compare="base", stdout=buf, stderr=io.StringIO())
     lines = buf.getvalue().splitlines()
     header = next(l for l in lines if "(base)" in l)
     assert header.index("(base)") < header.index(str(lora_run_dir))  # base on the left
