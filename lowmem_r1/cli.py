@@ -40,17 +40,17 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
 @app.command()
 def train(
     recipe: Path = typer.Argument(..., help="Recipe TOML file (see recipes/)."),
+    run_dir: Optional[str] = typer.Argument(None, help="With --resume: the run directory (default: the recipe's)."),
     set_: Optional[List[str]] = SetOpt,
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the resolved recipe and exit."),
-    resume: Optional[str] = typer.Option(
-        None, "--resume", help="Continue the run from its last checkpoint (optionally name the RUN_DIR).",
-        is_flag=False, flag_value="",
-    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run from its last complete checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start a new run over an existing run directory."),
 ) -> None:
     """GRPO-train a model with rule-based rewards; writes a run directory."""
     from .recipe import load_recipe
 
+    if run_dir is not None and not resume:
+        raise UserError(f"{run_dir}: a run directory is only taken with --resume (lowmem-r1 train RECIPE --resume RUN_DIR)")
     r = load_recipe(recipe, set_ or [])
     if dry_run:
         from .progress import print_dry_run
@@ -59,7 +59,7 @@ def train(
         return
     from .train import train as run_train
 
-    code = run_train(r, recipe_path=recipe, resume=resume, force=force)
+    code = run_train(r, recipe_path=recipe, resume=(run_dir or "") if resume else None, force=force)
     raise typer.Exit(code)
 
 
