@@ -90,6 +90,12 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
                 f"  fix the reward (or set on_error = \"skip\" on it), then: lowmem-r1 train {recipe_path or 'RECIPE'} "
                 f"--resume {run.path}"
             ) from None
+        except Exception as error:
+            if not _is_out_of_memory(error):
+                raise
+            saved = _try(lambda: save_checkpoint_now(trainer))
+            _write_info(run, recipe, backend.name, status="failed", step=trainer.state.global_step)
+            raise UserError(out_of_memory_advice(recipe, trainer.state.global_step, saved, run, recipe_path)) from None
         except KeyboardInterrupt:
             _write_info(run, recipe, backend.name, status="interrupted", step=trainer.state.global_step)
             last = run.checkpoint_dirs()
@@ -318,6 +324,46 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    import torch
+
+    return isinstance(error, torch.OutOfMemoryError) or "CUDA out of memory" in str(error)
+
+
+def _try(fn):
+    try:
+        return fn()
+    except Exception:
+        return None
+
+
+def out_of_memory_advice(recipe: Recipe, step: int, saved, run: RunDir, recipe_path) -> str:
+    """What to lower, with the plan's figures when it can make them (GPU OOM)."""
+    t, g, m = recipe.training, recipe.generation, recipe.model
+    lines = [
+        f"out of GPU memory at step {step + 1}; checkpoint saved: {saved or 'none (the last complete one stays)'}",
+        "  lower, biggest effect first:",
+        f"    training.num_generations = {t.num_generations} (and per_device_train_batch_size = "
+        f"{t.per_device_train_batch_size} with it)",
+        f"    generation.max_completion_length = {g.max_completion_length}",
+        f"    model.gpu_memory_utilization = {m.gpu_memory_utilization} (vLLM's share, unsloth) / "
+        f"generation.vllm_gpu_memory_utilization = {g.vllm_gpu_memory_utilization}",
+        f"    lora.r = {recipe.lora.r}; or set model.load_in_4bit = true, training.gradient_checkpointing = true",
+    ]
+    try:
+        from .plan import make_plan
+
+        plan = make_plan(recipe)
+        lines.append(
+            f"  plan: estimated peak {plan.gib(plan.total)} GiB on {plan.gib(plan.card)} GiB; largest that fits: "
+            f"num_generations {plan.max_generations or 'none'}, max_completion_length {plan.max_completion or 'none'}"
+        )
+    except Exception:
+        pass
+    lines.append(f"  then: lowmem-r1 train {recipe_path or 'RECIPE'} --resume {run.path} --force --set ...")
+    return "\n".join(lines)
 
 
 def _quiet_default_printers(trainer) -> None:

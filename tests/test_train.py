@@ -141,3 +141,17 @@ def test_failing_user_reward_stops_cleanly(tmp_path, base_model_dir):
     comp = read_jsonl(run / "completions.jsonl")
     assert all(r["rewards"]["explode"] is None for r in comp)
     assert json.loads((run / "run.json").read_text())["status"] == "completed"
+
+
+def test_out_of_memory_advice_names_the_settings_to_lower():
+    import torch
+
+    from lowmem_r1.train import _is_out_of_memory, out_of_memory_advice
+
+    assert _is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert not _is_out_of_memory(ValueError("x"))
+    recipe = recipe_from_dict(tiny(Path("runs/x")))
+    text = out_of_memory_advice(recipe, 4, None, RunDir(Path("runs/x")), "r.toml")
+    for key in ("training.num_generations = 2", "generation.max_completion_length = 8",
+                "gpu_memory_utilization", "--resume runs/x"):
+        assert key in text, key
