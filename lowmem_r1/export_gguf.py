@@ -119,11 +119,10 @@ def _convert(gguf, t, ttype):
     T = gguf.GGMLQuantizationType
     if ttype == T.F32:
         return t.to(torch.float32).numpy()
-    if ttype == T.F16:
-        return t.to(torch.float32).numpy().astype(np.float16)
+    if ttype == T.F16:  # round to nearest even, as numpy's astype(float16) in llama.cpp's converter
+        return t.to(torch.float16).numpy()
     if ttype == T.BF16:  # torch rounds to nearest even, like ggml_compute_fp32_to_bf16
-        return t.to(torch.float32).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8) \
-            .reshape(*t.shape[:-1], t.shape[-1] * 2)
+        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(*t.shape[:-1], t.shape[-1] * 2)
     return gguf.quants.quantize(t.to(torch.float32).numpy(), ttype)
 
 
@@ -168,22 +167,28 @@ def _rope_metadata(writer, gguf, cfg: dict) -> list:
     return extra
 
 
+def _special(cfg: dict, key: str):
+    v = cfg.get(key)
+    return v.get("content") if isinstance(v, dict) else v
+
+
 def _vocab(writer, gguf, model_dir: Path, vocab_size: int, log) -> dict:
-    """Tokens, token types, merges, special ids, add_bos/add_eos and the chat template."""
-    from transformers import AutoTokenizer
+    """Tokens, token types, merges, special ids, add_bos/add_eos and the chat template. Read with the
+    `tokenizers` library straight from tokenizer.json: the tokenizer exactly as the model ships it, and
+    no transformers import on this path."""
+    from tokenizers import Tokenizer
 
     tok_json = model_dir / "tokenizer.json"
     if not tok_json.is_file() or json.loads(tok_json.read_text()).get("model", {}).get("type") != "BPE":
         raise UserError(f"{model_dir}: GGUF export supports byte-level BPE tokenizers (tokenizer.json, as "
                         "SmolLM2, Llama 3 and Qwen use); this model's tokenizer is not one")
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    vocab = tok.get_vocab()
+    tok = Tokenizer.from_file(str(tok_json))
+    vocab = tok.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:
         raise UserError(f"{model_dir}: tokenizer has ids up to {max(vocab.values())} but the model's vocab_size "
                         f"is {vocab_size}; the embedding was not resized to the tokenizer")
     reverse = {i: t for t, i in vocab.items()}
-    added = tok.get_added_vocab()
-    decoder = tok.added_tokens_decoder
+    added = {i: a for i, a in tok.get_added_tokens_decoder().items()}
     tokens, types = [], []
     TT = gguf.TokenType
     for i in range(vocab_size):
@@ -192,13 +197,13 @@ def _vocab(writer, gguf, model_dir: Path, vocab_size: int, log) -> dict:
             types.append(TT.UNUSED)
             continue
         t = reverse[i]
-        if t in added:
-            special = decoder[i].special or (t.startswith("<|") and t.endswith("|>"))
-            types.append(TT.CONTROL if special else TT.USER_DEFINED)
+        if i in added:  # like llama.cpp: special, or looks like <|...|>, is a control token
+            types.append(TT.CONTROL if added[i].special or (t.startswith("<|") and t.endswith("|>"))
+                         else TT.USER_DEFINED)
         else:
             types.append(TT.NORMAL)
         tokens.append(t)
-    chkhsh = hashlib.sha256(str(tok.encode(_CHKTXT)).encode()).hexdigest()
+    chkhsh = hashlib.sha256(str(tok.encode(_CHKTXT).ids).encode()).hexdigest()
     pre = _PRE_BY_HASH.get(chkhsh)
     if pre is None:
         pre = "default"
@@ -209,16 +214,19 @@ def _vocab(writer, gguf, model_dir: Path, vocab_size: int, log) -> dict:
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
+    tcfg_file = model_dir / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.is_file() else {}
+    bos, eos = (vocab.get(_special(tcfg, "bos_token")), vocab.get(_special(tcfg, "eos_token")))
     # Say explicitly whether BOS/EOS are added, from what the tokenizer really does.
-    ids = tok("a")["input_ids"]
-    special.add_special_token["bos"] = tok.bos_token_id is not None and ids[:1] == [tok.bos_token_id]
-    special.add_special_token["eos"] = tok.eos_token_id is not None and ids[-1:] == [tok.eos_token_id]
-    if tok.eos_token_id is not None:  # the tokenizer's eos (the end-of-turn token for chat models) wins
-        special.special_token_ids["eos"] = tok.eos_token_id
+    ids = tok.encode("a").ids
+    special.add_special_token["bos"] = bos is not None and ids[:1] == [bos]
+    special.add_special_token["eos"] = eos is not None and ids[-1:] == [eos]
+    if eos is not None:  # the tokenizer's eos (the end-of-turn token of chat models) wins
+        special.special_token_ids["eos"] = eos
     special.add_to_gguf(writer, quiet=True)
     if special.chat_template is None:
         log("  warning: no chat template found; llama.cpp and Ollama will fall back to a guess")
-    return {"pre": pre, "chat_template": special.chat_template, "eos": tok.eos_token_id}
+    return {"pre": pre, "chat_template": special.chat_template, "eos": eos}
 
 
 @dataclass

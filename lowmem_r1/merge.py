@@ -64,32 +64,51 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
-    """Yield (name, tensor) in file order, reading each tensor's bytes once."""
+def _read_rows(f, start: int, entry: dict, r0: int = 0, r1: int | None = None):
+    """Rows r0:r1 of one tensor (the whole tensor by default), read with one readinto."""
     import torch
+
+    shape = entry["shape"]
+    rows = shape[0] if shape else 1
+    r1 = rows if r1 is None else r1
+    row_bytes = (entry["data_offsets"][1] - entry["data_offsets"][0]) // max(rows, 1)
+    buf = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
+    f.seek(start + entry["data_offsets"][0] + r0 * row_bytes)
+    f.readinto(memoryview(buf.numpy()))
+    t = buf.view(getattr(torch, _ST_DTYPES[entry["dtype"]][0]))
+    return t.reshape([r1 - r0, *shape[1:]]) if shape else t.reshape(shape)
+
+
+def iter_entries(path: Path):
+    """Yield (name, header entry, read) in file order; read(r0, r1) returns those rows (default: all)."""
+    from functools import partial
 
     header, start = read_header(path)
     with open(path, "rb") as f:
         for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            begin, end = entry["data_offsets"]
-            dtype = getattr(torch, _ST_DTYPES[entry["dtype"]][0])
-            buf = torch.empty(end - begin, dtype=torch.uint8)
-            f.seek(start + begin)
-            f.readinto(memoryview(buf.numpy()))
-            yield name, buf.view(dtype).reshape(entry["shape"])
+            yield name, entry, partial(_read_rows, f, start, entry)
+
+
+def iter_tensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+    """Yield (name, tensor) in file order, reading each tensor's bytes once."""
+    for name, _, read in iter_entries(path):
+        yield name, read()
 
 
 class ShardWriter:
-    """Write a safetensors file tensor by tensor: the header is fixed up front from the planned
-    (name, dtype, shape) list, then each tensor is appended in that order."""
+    """Write a safetensors file piece by piece: the header is fixed up front from the planned
+    (name, dtype, shape) list, then each tensor's bytes are appended in that order (in row chunks if
+    wanted), and every tensor is checked to have received exactly its size."""
 
     def __init__(self, path: Path, plan: list[tuple[str, str, list[int]]]):
         header, offset = {}, 0
+        self.sizes = []
         for name, dtype, shape in plan:
             size = _ST_DTYPES[dtype][1]
             for d in shape:
                 size *= d
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
+            self.sizes.append(size)
             offset += size
         header["__metadata__"] = {"format": "pt"}
         raw = json.dumps(header, separators=(",", ":")).encode()
@@ -98,18 +117,31 @@ class ShardWriter:
         self.total = offset
         self.f = open(path, "wb")
         self.f.write(struct.pack("<Q", len(raw)) + raw)
-        self.next = 0
+        self.index, self.written = -1, 0
 
     def write(self, name: str, tensor) -> None:
-        if self.order[self.next] != name:
-            raise RuntimeError(f"shard writer: expected {self.order[self.next]}, got {name}")
         import torch
 
-        self.f.write(tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-        self.next += 1
+        if self.index < 0 or self.order[self.index] != name:
+            self._check_done()
+            self.index += 1
+            if self.order[self.index] != name:
+                raise RuntimeError(f"shard writer: expected {self.order[self.index]}, got {name}")
+            self.written = 0
+        data = tensor.contiguous().reshape(-1).view(torch.uint8).numpy()
+        self.f.write(data)
+        self.written += data.nbytes
+
+    def _check_done(self) -> None:
+        if self.index >= 0 and self.written != self.sizes[self.index]:
+            raise RuntimeError(f"shard writer: {self.order[self.index]} got {self.written} of "
+                               f"{self.sizes[self.index]} bytes")
 
     def close(self) -> None:
         self.f.close()
+        self._check_done()
+        if self.index != len(self.order) - 1:
+            raise RuntimeError(f"shard writer: wrote {self.index + 1} of {len(self.order)} tensors")
 
 
 def checkpoint_shards(model_dir: Path) -> list[Path]:
@@ -273,10 +305,15 @@ def read_adapter(adapter_dir: Path) -> Lora:
     return lora
 
 
-def lora_delta(a, b, scaling: float, transpose: bool):
-    """B @ A * scaling in float32, in peft's order of operations (so the results agree bit for bit)."""
-    d = b.float() @ a.float()
-    return (d.T if transpose else d) * scaling
+def lora_delta(a, b, scaling: float, transpose: bool, r0: int = 0, r1: int | None = None):
+    """Rows r0:r1 of B @ A * scaling in float32, in peft's order of operations (product, then scale)."""
+    if transpose:  # delta = (B @ A).T: its rows are columns of A
+        return (b.float() @ a[:, r0:r1].float()).T * scaling
+    return (b[r0:r1].float() @ a.float()) * scaling
+
+
+def delta_shape(a, b, transpose: bool) -> tuple[int, int]:
+    return (a.shape[1], b.shape[0]) if transpose else (b.shape[0], a.shape[1])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,6 +328,14 @@ class MergeReport:
     merged: int
     seconds: float
     bytes: int
+
+
+CHUNK_BYTES = 16 << 20  # rows of a tensor read, merged and written at a time
+
+
+def _abt(spec: tuple) -> tuple:
+    a, b, _, transpose = spec
+    return a, b, transpose
 
 
 def merge_weights(base_dir: Path, lora: Lora, out_dir: Path, dtype: str,
@@ -327,29 +372,37 @@ def merge_weights(base_dir: Path, lora: Lora, out_dir: Path, dtype: str,
             shape = entry["shape"]
             if name in lora.replace:
                 shape = list(lora.replace[name].shape)
+            elif name in lora.deltas and tuple(shape) != delta_shape(*_abt(lora.deltas[name])):
+                raise UserError(
+                    f"adapter delta for {name} has shape {delta_shape(*_abt(lora.deltas[name]))} but the base weight "
+                    f"is {tuple(shape)}; the adapter was trained on a different base model - pass the right one "
+                    "with --base"
+                )
             plan.append((name, out_dtype(entry["dtype"]), shape))
         writer = ShardWriter(out_dir / shard.name, plan)
         try:
-            for name, t in iter_tensors(shard):
+            for name, entry, read in iter_entries(shard):
                 if name in lora.replace:
                     t = lora.replace[name]
-                if name in lora.deltas:
-                    delta = lora_delta(*lora.deltas[name])
-                    if delta.shape != t.shape:
-                        raise UserError(
-                            f"adapter delta for {name} has shape {tuple(delta.shape)} but the base weight is "
-                            f"{tuple(t.shape)}; the adapter was trained on a different base model - pass the "
-                            "right one with --base"
-                        )
-                    t = t.float() + delta
-                    merged += 1
-                if t.is_floating_point():
-                    t = t.to(target)
-                writer.write(name, t)
+                    writer.write(name, t.to(target) if t.is_floating_point() else t)
+                else:  # row chunks: memory stays at CHUNK_BYTES whatever the tensor's size
+                    shape = entry["shape"]
+                    rows = shape[0] if shape else 1
+                    nbytes = entry["data_offsets"][1] - entry["data_offsets"][0]
+                    step = max(1, CHUNK_BYTES * rows // max(nbytes, 1))
+                    for r0 in range(0, rows, step):
+                        r1 = min(rows, r0 + step)
+                        t = read(r0, r1) if shape else read()
+                        if name in lora.deltas:
+                            t = t.float() + lora_delta(*lora.deltas[name], r0, r1)
+                        writer.write(name, t.to(target) if t.is_floating_point() else t)
+                    merged += name in lora.deltas
                 weight_map[name] = shard.name
                 count += 1
-        finally:
-            writer.close()
+        except BaseException:
+            writer.f.close()
+            raise
+        writer.close()
         total += writer.total
         log(f"  {shard.name}: {len(plan)} tensors")
     if len(shards) > 1:

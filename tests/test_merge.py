@@ -208,3 +208,29 @@ def test_cli_merge_end_to_end(lora_run_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "parity" in proc.stdout and proc.stdout.count("GGUF check") == 4
     assert (out / "Modelfile").read_text().startswith("FROM ./model-q8_0.gguf")
+
+
+def test_sharded_base_streams_shard_by_shard(base_model_dir, tmp_path):
+    """A base saved in several shards: each output shard mirrors one input shard, the index is rewritten,
+    and the merge still matches peft."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_r1.merge import merge
+
+    base = tmp_path / "base"
+    _tiny_model(base, "llama", base_model_dir)
+    AutoModelForCausalLM.from_pretrained(base).save_pretrained(base, max_shard_size="1MB")
+    assert (base / "model.safetensors.index.json").is_file()
+    torch.manual_seed(1)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+    model.save_pretrained(tmp_path / "adapter")
+    result = merge(tmp_path / "adapter", base=str(base), out=tmp_path / "merged", dtype="fp32", log=lambda s: None)
+    assert result.parity.ok and result.merge.merged == 6
+    shards_in = sorted(p.name for p in base.glob("model-*.safetensors"))
+    assert len(shards_in) > 1 and sorted(p.name for p in result.out.glob("model-*.safetensors")) == shards_in
+    index = json.loads((result.out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"].values()) == set(shards_in)
