@@ -192,7 +192,8 @@ def test_train_lets_backend_overrides_reach_grpoconfig(tmp_path):
 LOAD_SCRIPT = r"""
 import json, sys
 from lowmem_r1.recipe import recipe_from_dict
-r = recipe_from_dict({"model": {"name": "builtin:smollm2-135m-instruct", "backend": "unsloth", "max_seq_length": 128},
+r = recipe_from_dict({"model": {"name": "builtin:smollm2-135m-instruct", "backend": "unsloth", "max_seq_length": 128,
+                                "vllm_standby": True},
                       "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                       "rewards": [{"name": "brevity"}]})
 import lowmem_r1.train, lowmem_r1.plan  # what `lowmem-r1 train` imports before choosing the backend
@@ -203,7 +204,9 @@ model, tok = b.load(r)
 from trl import GRPOConfig
 cfg = GRPOConfig(output_dir=sys.argv[1], optim="adamw_8bit", **b.grpo_overrides(r))
 trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+import os
 print(json.dumps({"early": early, "backend": b.name, "unsloth": "unsloth" in sys.modules,
+                  "standby": os.environ.get("UNSLOTH_VLLM_STANDBY"),
                   "peft": type(model).__name__, "trainable": trainable, "overrides": b.grpo_overrides(r),
                   "optim": str(getattr(cfg.optim, "value", cfg.optim)), "pad": tok.pad_token is not None}))
 """
@@ -224,6 +227,7 @@ def test_unsloth_backend_loads_on_cpu(base_model_dir, tmp_path):
     # r x (in + out) for q_proj (576 -> 576) and v_proj (576 -> 192) in 30 layers
     assert out["trainable"] == 30 * 4 * ((576 + 576) + (576 + 192))
     assert out["overrides"] == {"use_cpu": True} and out["pad"]
+    assert out["standby"] == "1"  # set before `import unsloth`, which reads it
     # Unsloth's CPU patches reached the GRPOConfig the trainer imports: 8-bit AdamW has no CPU kernels.
     assert out["optim"] in ("adamw_torch_fused", "adamw_torch")
 

@@ -136,6 +136,8 @@ def fallbacks(recipe, name: str) -> list[str]:
         )
     if name == "unsloth" and not cuda:
         notes.append("unsloth: no CUDA device, Unsloth's CPU backend trains with plain transformers + PEFT (slow)")
+    if m.vllm_standby and not (name == "unsloth" and m.fast_inference):
+        notes.append("model.vllm_standby: only Unsloth's shared vLLM engine has standby (model.fast_inference); ignored")
     if cuda and not (m.fast_inference or g.use_vllm):
         notes.append(
             "generation: transformers generate() on the GPU (slow for long completions); "
