@@ -81,3 +81,23 @@ def test_doctor_command_exit_codes(tmp_path):
     bad = run_cli(str(demo), "--set", "model.fast_inference=true")
     assert bad.returncode == 1
     assert "FAIL" in bad.stdout and "model.fast_inference" in bad.stdout and "cannot run" in bad.stdout
+
+
+def test_gpu_rows_with_a_simulated_card(monkeypatch):
+    """The GPU lines cannot run here for real; simulate one old and one current card through torch's API."""
+    import torch
+
+    cards = [("Tesla P100", (6, 0)), ("NVIDIA GeForce RTX 4090", (8, 9))]
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: cards[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: cards[i][1])
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda i: (20 * 2**30, 24 * 2**30))
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    rows, cuda = D.torch_checks()
+    assert cuda
+    by = {r.what: r for r in rows}
+    assert "CUDA 12.8" in by["torch build"].value
+    assert by["GPU 0"].status == D.WARN and "6.0" in by["GPU 0"].value and "fast_inference=false" in by["GPU 0"].fix
+    assert by["GPU 1"].status == D.OK and "20.0 of 24.0 GiB free" in by["GPU 1"].value
