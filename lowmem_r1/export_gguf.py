@@ -179,10 +179,10 @@ def _vocab(writer, gguf, model_dir: Path, vocab_size: int, log) -> dict:
     from tokenizers import Tokenizer
 
     tok_json = model_dir / "tokenizer.json"
-    if not tok_json.is_file() or json.loads(tok_json.read_text()).get("model", {}).get("type") != "BPE":
+    tok = Tokenizer.from_file(str(tok_json)) if tok_json.is_file() else None
+    if tok is None or type(tok.model).__name__ != "BPE":
         raise UserError(f"{model_dir}: GGUF export supports byte-level BPE tokenizers (tokenizer.json, as "
                         "SmolLM2, Llama 3 and Qwen use); this model's tokenizer is not one")
-    tok = Tokenizer.from_file(str(tok_json))
     vocab = tok.get_vocab(with_added_tokens=True)
     if max(vocab.values()) >= vocab_size:
         raise UserError(f"{model_dir}: tokenizer has ids up to {max(vocab.values())} but the model's vocab_size "
