@@ -31,14 +31,14 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     from . import progress
 
     console = console or progress.make_console()
-    run, checkpoint = prepare_run_dir(recipe, resume, force)
-    started = time.time()
-
     from . import backends
 
+    # First: a refused GPU setting must not leave a run directory behind; and unsloth, when chosen, is
+    # imported here (select calls backend.prepare()), before anything imports trl/transformers/peft.
     backend = backends.select(recipe)
     _name, why = backends.choose(recipe.model.backend)
-    getattr(backend, "prepare", lambda: None)()  # unsloth: import it before trl/transformers/peft
+    run, checkpoint = prepare_run_dir(recipe, resume, force)
+    started = time.time()
     console.print(f"[bold]lowmem-r1[/] run [cyan]{run.path}[/] - backend [cyan]{backend.name}[/] ({why})")
     _warn_if_not_fit(recipe, console)
 
@@ -64,7 +64,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
 
     patch_trl_for_cpu()
 
-    config = GRPOConfig(**grpo_kwargs(recipe, run, weights), **backend.grpo_overrides(recipe))
+    config = GRPOConfig(**{**grpo_kwargs(recipe, run, weights), **backend.grpo_overrides(recipe)})
     interrupt = Interrupt()
     display = progress.TrainingDisplay(recipe, run, console, start_step=_step_of(checkpoint))
     display.recorder = recorder
