@@ -288,12 +288,20 @@ BASELINES = {
 
 
 def clear_caches() -> None:
-    """Every reward starts cold: no parse cached by an earlier reward (or an earlier run of it)."""
+    """Run before every timed call, ours and the baseline's: no parse cached by an earlier batch, reward or
+    by the other side of the comparison (math-verify's and sympy's own caches included). Only the reuse
+    within one GRPO batch remains (each gold parsed once for its G completions)."""
+    from math_verify import parser
+    from sympy.core.cache import clear_cache
+
     from lowmem_r1.rewards import extract, math_equivalence
 
     math_equivalence.parse_gold.cache_clear()
     math_equivalence._parse_pred.cache_clear()
     extract._parse_number_text.cache_clear()
+    parser.parse_latex_cached.cache_clear()
+    parser.parse_expr_cached.cache_clear()
+    clear_cache()
 
 
 def measure(funcs: list, batches, repeats: int = 1, before_batch=None) -> list[tuple[float, float]]:
@@ -304,7 +312,9 @@ def measure(funcs: list, batches, repeats: int = 1, before_batch=None) -> list[t
     n = sum(len(b["completions"]) for b in batches)
     for _ in range(repeats):
         for i, b in enumerate(batches):
-            for k, func in enumerate(funcs):
+            order = range(len(funcs)) if i % 2 == 0 else reversed(range(len(funcs)))  # neither always first
+            for k in order:
+                func = funcs[k]
                 if before_batch:
                     before_batch()
                 t = time.perf_counter()
@@ -316,9 +326,9 @@ def measure(funcs: list, batches, repeats: int = 1, before_batch=None) -> list[t
 
 def warm_up() -> None:
     """Imports, sympy's caches and ANTLR's lazily built parser tables are a one-time cost per process (paid
-    in the first steps of a training run, ~1 s per batch at first). Pay it on a small set drawn with another
+    in the first steps of a training run: ~1-2 s per batch at first). Pay it on a set drawn with another
     seed, for ours and the baseline alike, so the table shows steady-state speed."""
-    for b in completion_set(256, seed=1, rare=False):
+    for b in completion_set(2048, seed=1, rare=False):
         rewards.build("math_accuracy")(**b)
         baseline_accuracy(**b)
     rewards.build("levenshtein")(completions=["a"], solution=["a"])
@@ -362,8 +372,7 @@ def main() -> None:
         slow_reward = name in ("math_accuracy", "cosine_length")
         repeats = 1 if slow_reward else args.repeats
         base = BASELINES.get(name) if not args.no_baseline else None
-        # Caches are cleared before every batch: only the reuse within one GRPO batch counts (each gold
-        # parsed once for its G completions), none carried over from earlier batches or rewards.
+        # Caches are cleared before every call (see clear_caches).
         results = measure([func] + ([base[0]] if base else []), batches, repeats, before_batch=clear_caches)
         rate, slow = results[0]
         if base:

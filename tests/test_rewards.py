@@ -499,13 +499,13 @@ def test_math_accuracy_deadline_bounds_a_slow_parse(monkeypatch):
 
     from lowmem_r1.rewards import math_equivalence as me
 
-    def slow(region, plain):
+    def slow(region):
         while True:
             time.sleep(0.01)
 
     monkeypatch.setattr(me, "_parse_pred", slow)
     t = time.perf_counter()
-    out = rewards.build("math_accuracy", timeout=0.2)(completions=["\\boxed{1}"] * 3, solution=["1"] * 3)
+    out = rewards.build("math_accuracy", timeout=0.2)(completions=["\\boxed{x+1}"] * 3, solution=["$x+1$"] * 3)
     assert out == [0.0, 0.0, 0.0]
     assert time.perf_counter() - t < 2.0
 
@@ -530,3 +530,21 @@ def test_cosine_value_range():
     assert out[0] == pytest.approx(0.5) and out[1] == pytest.approx(
         -1.0 + 0.5 * 0.5 * (1 - math.cos(9 / 1000 * math.pi)), abs=1e-6
     )
+
+
+@pytest.mark.parametrize(
+    "answer,gold",
+    [("42", "$42$"), ("41", "$42$"), ("-3", "$-3$"), ("45/58", "$\\frac{45}{58}$"), ("5/18", "$\\frac{15}{54}$"),
+     ("\\frac{1}{2}", "$0.5$"), ("\\dfrac{2}{4}", "$\\frac12$"), ("7", "$\\frac{14}{2}$"), ("3", "$\\frac{7}{2}$"),
+     ("0", "$0$"), ("100", "$10^2$"), ("12", "$12\\%$")],
+)
+def test_exact_number_shortcut_agrees_with_math_verify(answer, gold):
+    """The shortcut for bare integers/fractions must give what math-verify itself gives."""
+    import math_verify
+
+    from lowmem_r1.rewards import math_equivalence as me
+
+    region, _ = me.answer_region(f"<answer>{answer}</answer>")
+    full = math_verify.verify(list(me.parse_gold(gold)), list(me._parse_pred(region)))
+    ours = score("math_accuracy", [f"<answer>{answer}</answer>"], solution=[gold])[0]
+    assert ours == (1.0 if full else 0.0)

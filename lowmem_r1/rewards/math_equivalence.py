@@ -9,7 +9,8 @@ and the parent waits with a timeout and kills the child if it must.
 
 GRPO scores G completions against the same gold, so golds are parsed once (LRU cache); completions are
 cut to the region that holds the answer (the last \\boxed{}, else the <answer> tag, else the tail) before
-math-verify sees them.
+math-verify sees them; a bare integer or fraction compared with an Integer/Rational gold is decided exactly
+without math-verify (which would compare the two Rationals exactly as well).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import logging
 import re
 import signal
 import threading
+from fractions import Fraction
 from typing import Any
 
 from .extract import MAX_ANSWER_CHARS, answer_tag, batch, column, last_boxed
@@ -90,46 +92,67 @@ def parse_gold(gold: str) -> tuple:
     return tuple(parsed)
 
 
-@functools.lru_cache(maxsize=2)
-def _pred_config(plain: bool):
-    """open-r1's prediction config (LaTeX with anchors, \\boxed first); `plain` adds plain expressions for
-    the content of an <answer> tag ("1/2", "3.5"), which has no LaTeX anchor to find."""
+@functools.lru_cache(maxsize=1)
+def _pred_config():
+    """open-r1's prediction config: LaTeX found by its anchors (\\boxed first, "final answer is", ...)."""
     from latex2sympy2_extended import NormalizationConfig
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+    from math_verify import LatexExtractionConfig
 
-    latex = LatexExtractionConfig(
-        normalization_config=NormalizationConfig(
-            nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=True
-        ),
-        boxed_match_priority=0,
-        try_extract_without_anchor=False,
-    )
-    return [latex, ExprExtractionConfig()] if plain else [latex]
+    return [
+        LatexExtractionConfig(
+            normalization_config=NormalizationConfig(
+                nits=False, malformed_operators=False, basic_latex=True, boxed="all", units=True
+            ),
+            boxed_match_priority=0,
+            try_extract_without_anchor=False,
+        )
+    ]
 
 
-def answer_region(text: str) -> tuple[str, bool]:
-    """(the part of a completion that holds its answer, small enough to parse quickly; whether it is the
-    bare content of an <answer> tag)."""
+def answer_region(text: str) -> tuple[str, str | None]:
+    """(the part of a completion that holds its answer, small enough to parse quickly; that answer itself,
+    None when only the tail could be taken). An <answer> tag's content is read as if it were boxed."""
     boxed = last_boxed(text)
+    if boxed is None:
+        boxed = answer_tag(text)
+        if boxed is not None and len(boxed) > MAX_ANSWER_CHARS:
+            boxed = None
     if boxed is not None:
-        return f"\\boxed{{{boxed}}}", False
-    tagged = answer_tag(text)
-    if tagged is not None and len(tagged) <= MAX_ANSWER_CHARS:
-        return tagged, True
-    return text[-TAIL_CHARS:], False
+        return f"\\boxed{{{boxed}}}", boxed
+    return text[-TAIL_CHARS:], None
+
+
+_PLAIN = re.compile(
+    r"\s*(?:(-?[0-9]{1,400})(?:\s*/\s*([0-9]{1,400}))?|\\[dt]?frac\{\s*(-?[0-9]{1,400})\s*\}\{\s*([0-9]{1,400})\s*\})\s*"
+)
+
+
+def plain_fraction(answer: str) -> Fraction | None:
+    """An answer that is a bare integer or fraction ("42", "-3", "45/58", "\\frac{1}{2}"), exactly."""
+    m = _PLAIN.fullmatch(answer)
+    if not m:
+        return None
+    num, den = (m.group(1), m.group(2)) if m.group(1) is not None else (m.group(3), m.group(4))
+    den = int(den) if den is not None else 1
+    return Fraction(int(num), den) if den else None
+
+
+def _gold_fraction(gold_parsed: tuple) -> Fraction | None:
+    """The gold as an exact fraction when math-verify parsed it to an Integer or Rational."""
+    from sympy import Rational
+
+    value = gold_parsed[0]
+    if isinstance(value, Rational):  # Integer is a Rational; Float and percentages are not
+        return Fraction(int(value.p), int(value.q))
+    return None
 
 
 @functools.lru_cache(maxsize=8192)
-def _parse_pred(region: str, plain: bool) -> tuple:
+def _parse_pred(region: str) -> tuple:
     mv = _math_verify()
     try:
         return tuple(
-            mv.parse(
-                region,
-                extraction_config=_pred_config(plain),
-                extraction_mode="first_match",
-                parsing_timeout=None,
-            )
+            mv.parse(region, extraction_config=_pred_config(), extraction_mode="first_match", parsing_timeout=None)
         )
     except Exception:
         return ()
@@ -138,6 +161,16 @@ def _parse_pred(region: str, plain: bool) -> tuple:
 _TOWER = re.compile(r"(?:\*\*|\^)\s*\{?\s*(?:[0-9]{5,}|[0-9a-z.]{1,12}\s*\}?\s*(?:\*\*|\^))")
 """A power tower or a huge exponent (9**9**9, 10^{10^{10}}, 2^{123456}): sympy would try to evaluate it and
 only the deadline would stop it. Such an answer is judged wrong at once unless the gold has one too."""
+
+_WORD = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
+
+
+def _answer_like(answer: str, gold: str) -> bool:
+    """Whether an extracted answer is worth parsing: short next to the gold and not a sentence. A sentence or
+    a kilobyte of brackets parses to nonsense that cannot equal the gold, and costs ANTLR milliseconds;
+    "5 dollars", "\\text{(B)}" or "x^2+1" still go to math-verify."""
+    return len(answer) <= max(100, 4 * len(gold)) and len(_WORD.findall(answer)) <= 2
+
 
 _SLOW_GOLDS: set[str] = set()
 """Golds whose parsing ran out of time: not applicable, and not retried for every completion."""
@@ -154,10 +187,18 @@ def _verify_one(gold: Any, text: str, timeout: float) -> float | None:
             if not gold_parsed:
                 return None
             stage = "pred"
-            region, plain = answer_region(text)
+            region, answer = answer_region(text)
+            if answer is not None:
+                # Exact numbers on both sides (most GRPO math answers): math-verify would compare the two
+                # Rationals exactly too, so decide here without parsing and verifying.
+                gold_value, value = _gold_fraction(gold_parsed), plain_fraction(answer)
+                if gold_value is not None and value is not None:
+                    return 1.0 if value == gold_value else 0.0
+            if answer is not None and not _answer_like(answer, gold):
+                return 0.0
             if _TOWER.search(region) and not _TOWER.search(gold):
                 return 0.0
-            pred = _parse_pred(region, plain)
+            pred = _parse_pred(region)
             if not pred:
                 return 0.0
             return 1.0 if mv.verify(list(gold_parsed), list(pred), timeout_seconds=None) else 0.0
