@@ -422,7 +422,6 @@ def verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None =
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
-    from transformers.utils import logging as hf_logging
 
     from .merge import PROBES, checkpoint_shards
 
@@ -468,13 +467,17 @@ def verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None =
         del ref_model
         gc.collect()
     ref, ref_greedy = _REFERENCE[key]
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()  # the GGUF loader's per-tensor bar would flood the merge log
+    # The GGUF loader's per-tensor progress bar (plain tqdm) would flood the merge log: silence it here only.
+    from functools import partial
+
+    import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = gguf_utils.tqdm
+    gguf_utils.tqdm = partial(bar, disable=True)
     try:
         g_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
     finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
+        gguf_utils.tqdm = bar
     got, got_greedy = run(g_model.eval())
     del g_model
     gc.collect()

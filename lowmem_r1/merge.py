@@ -537,13 +537,19 @@ def merge(target: str | Path | None = None, base: str | None = None, out: Path |
     Everything is written into a temporary folder and renamed into place at the end."""
     from . import export_gguf
     from .fsutil import atomic_dir, check_free_space, refuse_existing
+    from .models import is_hub_id
 
     if dtype is not None and dtype not in DTYPES and dtype not in DTYPES.values():
         raise UserError(f"--dtype {dtype}: unknown; use one of {', '.join(DTYPES)}")
     gguf_types = export_gguf.parse_types(gguf)  # unknown types / missing llama-quantize fail before any work
+    gguf_types.sort(key=lambda t: t in export_gguf.LLAMA_QUANTIZE_TYPES)  # k-quants reuse the F16 file
     if ollama and not gguf_types:
         gguf_types = ["f16"]
     src = resolve_source(target, base)
+    m = re.match(r"(.+?)-(unsloth-)?bnb-4bit$", src.base)
+    if m and is_hub_id(src.base):  # the run loaded a pre-quantized repo: merge into its 16-bit original
+        log(f"{src.base} is stored in 4-bit; merging into its 16-bit original {m.group(1)}")
+        src.base = m.group(1)
     out = Path(out) if out else src.default_out
     refuse_existing(out, force, "merged model")
     base_dir = local_model_dir(src.base)

@@ -212,7 +212,7 @@ def test_cli_merge_end_to_end(lora_run_dir, tmp_path):
 
 def test_sharded_base_streams_shard_by_shard(base_model_dir, tmp_path):
     """A base saved in several shards: each output shard mirrors one input shard, the index is rewritten,
-    and the merge still matches peft."""
+    and the merge (LoRA + a modules_to_save output layer) still matches peft."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -226,10 +226,14 @@ def test_sharded_base_streams_shard_by_shard(base_model_dir, tmp_path):
     torch.manual_seed(1)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
                            LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                      init_lora_weights=False, task_type="CAUSAL_LM"))
+                                      modules_to_save=["lm_head"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    with torch.no_grad():  # a trained full copy of the output layer (modules_to_save)
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.mul_(1.5)
     model.save_pretrained(tmp_path / "adapter")
     result = merge(tmp_path / "adapter", base=str(base), out=tmp_path / "merged", dtype="fp32", log=lambda s: None)
-    assert result.parity.ok and result.merge.merged == 6
+    assert result.parity.ok and result.merge.merged == 6 and result.parity.adapter_effect > 0.1
     shards_in = sorted(p.name for p in base.glob("model-*.safetensors"))
     assert len(shards_in) > 1 and sorted(p.name for p in result.out.glob("model-*.safetensors")) == shards_in
     index = json.loads((result.out / "model.safetensors.index.json").read_text())
