@@ -505,7 +505,9 @@ def test_math_accuracy_deadline_bounds_a_slow_parse(monkeypatch):
 
     monkeypatch.setattr(me, "_parse_pred", slow)
     t = time.perf_counter()
-    out = rewards.build("math_accuracy", timeout=0.2)(completions=["\\boxed{x+1}"] * 3, solution=["$x+1$"] * 3)
+    out = rewards.build("math_accuracy", timeout=0.2)(
+        completions=["\\boxed{x+1}"] * 3, solution=["$x+1$"] * 3
+    )
     assert out == [0.0, 0.0, 0.0]
     assert time.perf_counter() - t < 2.0
 
@@ -534,9 +536,20 @@ def test_cosine_value_range():
 
 @pytest.mark.parametrize(
     "answer,gold",
-    [("42", "$42$"), ("41", "$42$"), ("-3", "$-3$"), ("45/58", "$\\frac{45}{58}$"), ("5/18", "$\\frac{15}{54}$"),
-     ("\\frac{1}{2}", "$0.5$"), ("\\dfrac{2}{4}", "$\\frac12$"), ("7", "$\\frac{14}{2}$"), ("3", "$\\frac{7}{2}$"),
-     ("0", "$0$"), ("100", "$10^2$"), ("12", "$12\\%$")],
+    [
+        ("42", "$42$"),
+        ("41", "$42$"),
+        ("-3", "$-3$"),
+        ("45/58", "$\\frac{45}{58}$"),
+        ("5/18", "$\\frac{15}{54}$"),
+        ("\\frac{1}{2}", "$0.5$"),
+        ("\\dfrac{2}{4}", "$\\frac12$"),
+        ("7", "$\\frac{14}{2}$"),
+        ("3", "$\\frac{7}{2}$"),
+        ("0", "$0$"),
+        ("100", "$10^2$"),
+        ("12", "$12\\%$"),
+    ],
 )
 def test_exact_number_shortcut_agrees_with_math_verify(answer, gold):
     """The shortcut for bare integers/fractions must give what math-verify itself gives."""

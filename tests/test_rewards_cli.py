@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from lowmem_r1.cli import app
@@ -89,8 +90,35 @@ def test_check_countdown_recipe_with_assistant_prefix(base_model_dir):
     ends with it, and think_format must still give full marks."""
     recipe = load_recipe(
         REPO / "recipes" / "countdown.toml",
-        ["model.name=builtin:smollm2-135m-instruct", "data.source=builtin:countdown", "data.generator.n=600"],
+        [
+            "model.name=builtin:smollm2-135m-instruct",
+            "data.source=builtin:countdown",
+            "data.generator.n=64",
+            "data.eval_size=0",
+        ],
     )
     report = check_gold(recipe, limit=64)
     assert report.ok, report.explain()
     assert all(c.at_full == c.scored == 64 for c in report.checks)
+
+
+def test_read_completion(tmp_path):
+    from lowmem_r1.errors import UserError
+    from lowmem_r1.rewards.scoring import parse_columns, read_completion
+
+    assert (
+        read_completion("<think>a</think>\\n<answer>苹果</answer>", None)
+        == "<think>a</think>\n<answer>苹果</answer>"
+    )
+    f = tmp_path / "c.txt"
+    f.write_text("line1\nline2\n")
+    assert read_completion(None, str(f)) == "line1\nline2\n"
+    with pytest.raises(UserError):
+        read_completion("a", str(f))
+    with pytest.raises(UserError, match="not found"):
+        read_completion(None, str(tmp_path / "missing.txt"))
+    assert parse_columns(["answer=8", "nums=[1, 2, 3]", "solution=x + 1"]) == {
+        "answer": 8,
+        "nums": [1, 2, 3],
+        "solution": "x + 1",
+    }

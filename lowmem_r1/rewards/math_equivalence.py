@@ -152,7 +152,9 @@ def _parse_pred(region: str) -> tuple:
     mv = _math_verify()
     try:
         return tuple(
-            mv.parse(region, extraction_config=_pred_config(), extraction_mode="first_match", parsing_timeout=None)
+            mv.parse(
+                region, extraction_config=_pred_config(), extraction_mode="first_match", parsing_timeout=None
+            )
         )
     except Exception:
         return ()

@@ -363,7 +363,7 @@ def read_completion(text: str | None, file: str | None) -> str:
     if (text is None) == (file is None):
         raise UserError("rewards score: give the completion as TEXT or --file PATH (one of them)")
     if text is not None:
-        return text.encode("utf-8", "surrogateescape").decode("unicode_escape") if "\\n" in text else text
+        return text.replace("\\n", "\n").replace("\\t", "\t")
     if file == "-":
         return sys.stdin.read()
     path = Path(file)
