@@ -170,8 +170,30 @@ def last_boxed(text: str, max_candidates: int = 16) -> str | None:
     Looks at the last `max_candidates` openings only, each scanned at most MAX_ANSWER_CHARS forward, so the
     cost is bounded whatever the text.
     """
-    if "boxed" not in text and "fbox" not in text:
+    has_boxed, has_fbox = "\\boxed" in text, "\\fbox" in text
+    if not (has_boxed or has_fbox):
         return None
+    pos = len(text)
+    for _ in range(max_candidates):  # from the last opening backwards; usually the first one is it
+        i = max(
+            text.rfind("\\boxed", 0, pos) if has_boxed else -1,
+            text.rfind("\\fbox", 0, pos) if has_fbox else -1,
+        )
+        if i < 0:
+            break
+        pos = i
+        m = _BOXED.match(text, i, i + 40)
+        if not m:
+            continue
+        depth = 1
+        for b in _BRACE.finditer(text, m.end(), min(len(text), m.end() + MAX_ANSWER_CHARS)):
+            depth += 1 if b.group() == "{" else -1
+            if depth == 0:
+                content = text[m.end() : b.start()].strip()
+                if content:
+                    return content
+                break
+    return None
     starts = []
     pos = len(text)
     while len(starts) < max_candidates:
