@@ -224,7 +224,7 @@ def last_number(text: str) -> str | None:
     """The last number in the text ("1,000", "-3.5", ".5"), as written, or None.
 
     Finds the last digit with str.rfind (fast even on megabytes), then reads the number that ends there
-    from a short window before it."""
+    from a short window (64 characters) before it."""
     tail = max(0, len(text) - 512)  # usually the number is near the end: look there first
     end = max(map(text.rfind, "0123456789", (tail,) * 10))
     if end < 0 and tail:
@@ -232,7 +232,7 @@ def last_number(text: str) -> str | None:
     if end < 0:
         return None
     last = None
-    for last in _NUMBER.finditer(text, max(0, end - 300), end + 1):
+    for last in _NUMBER.finditer(text, max(0, end - 64), end + 1):  # numbers are short
         pass
     return last.group() if last is not None else None
 
