@@ -561,3 +561,26 @@ def test_exact_number_shortcut_agrees_with_math_verify(answer, gold):
     full = math_verify.verify(list(me.parse_gold(gold)), list(me._parse_pred(region)))
     ours = score("math_accuracy", [f"<answer>{answer}</answer>"], solution=[gold])[0]
     assert ours == (1.0 if full else 0.0)
+
+
+def test_slow_gold_is_not_applicable_for_its_batch_only(monkeypatch):
+    import time
+
+    from lowmem_r1.rewards import math_equivalence as me
+
+    real = me.parse_gold
+    slow = {"on": True}
+
+    def maybe_slow(gold):
+        while slow["on"]:
+            time.sleep(0.01)
+        return real(gold)
+
+    monkeypatch.setattr(me, "GOLD_TIMEOUT", 0.1)
+    monkeypatch.setattr(me, "parse_gold", maybe_slow)
+    f = rewards.build("math_accuracy", timeout=0.1)
+    t = time.perf_counter()
+    assert f(completions=["\\boxed{2}"] * 8, solution=["$2$"] * 8) == [None] * 8
+    assert time.perf_counter() - t < 1.0  # one gold timeout per batch, not one per completion
+    slow["on"] = False  # the machine is idle again: the next batch parses the gold
+    assert f(completions=["\\boxed{2}", "\\boxed{3}"], solution=["$2$"] * 2) == [1.0, 0.0]

@@ -93,7 +93,7 @@ def after_think(text: str) -> str:
     "Normalised Levenshtein similarity in [0, 1] (rapidfuzz) between the text after </think> and the "
     "`solution` column; texts longer than max_chars are cut to it first.",
     columns=("solution",),
-    best=1.0,
+    best=None,
     max_chars=20000,
 )
 def levenshtein(max_chars: int = 20000):

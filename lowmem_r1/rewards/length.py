@@ -60,7 +60,7 @@ def cosine_length(
     "overlong_penalty",
     "DAPO soft overlong punishment: 0 up to max_length - cache_length, then linearly down to -1 at "
     "max_length, -1 beyond. Tokens when TRL passes completion_ids, else characters.",
-    best=0.0,
+    best=None,
     max_length=1024,
     cache_length=256,
 )

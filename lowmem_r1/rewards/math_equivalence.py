@@ -39,13 +39,21 @@ class _QuietTimeoutWarning(logging.Filter):
         return "Timeout is disabled" not in record.getMessage()
 
 
+@functools.lru_cache(maxsize=1)
 def _math_verify():
+    """math-verify, imported and warmed once, outside any deadline: its first parse imports sympy and
+    latex2sympy and builds parser tables, which can take seconds on a loaded machine."""
     import math_verify
 
     for name in ("math_verify.parser", "math_verify.grader"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _QuietTimeoutWarning) for f in log.filters):
             log.addFilter(_QuietTimeoutWarning())
+    math_verify.verify(
+        math_verify.parse("$\\frac{1}{2}$", parsing_timeout=None),
+        math_verify.parse("\\boxed{0.5}", parsing_timeout=None),
+        timeout_seconds=None,
+    )
     return math_verify
 
 
@@ -174,21 +182,25 @@ def _answer_like(answer: str, gold: str) -> bool:
     return len(answer) <= max(100, 4 * len(gold)) and len(_WORD.findall(answer)) <= 2
 
 
-_SLOW_GOLDS: set[str] = set()
-"""Golds whose parsing ran out of time: not applicable, and not retried for every completion."""
+GOLD_TIMEOUT = 2.0
+"""Seconds allowed for parsing one gold (once per batch; the per-completion `timeout` may be shorter)."""
 
 
-def _verify_one(gold: Any, text: str, timeout: float) -> float | None:
-    if not isinstance(gold, str) or not gold.strip() or gold in _SLOW_GOLDS:
+def _verify_one(gold: Any, text: str, timeout: float, slow_golds: set) -> float | None:
+    if not isinstance(gold, str) or not gold.strip() or gold in slow_golds:
         return None
     mv = _math_verify()
-    stage = "gold"
+    try:
+        with _deadline(max(GOLD_TIMEOUT, timeout)):
+            gold_parsed = parse_gold(gold)
+    except _Deadline:
+        # Not applicable for the rest of this batch; tried again in the next one (the machine may be busy).
+        slow_golds.add(gold)
+        return None
+    if not gold_parsed:
+        return None
     try:
         with _deadline(timeout):
-            gold_parsed = parse_gold(gold)
-            if not gold_parsed:
-                return None
-            stage = "pred"
             region, answer = answer_region(text)
             if answer is not None:
                 # Exact numbers on both sides (most GRPO math answers): math-verify would compare the two
@@ -205,10 +217,6 @@ def _verify_one(gold: Any, text: str, timeout: float) -> float | None:
                 return 0.0
             return 1.0 if mv.verify(list(gold_parsed), list(pred), timeout_seconds=None) else 0.0
     except _Deadline:
-        if stage == "gold":
-            if len(_SLOW_GOLDS) < 100_000:
-                _SLOW_GOLDS.add(gold)
-            return None
         return 0.0
     except Exception:
         return 0.0
@@ -218,7 +226,8 @@ def score_batch(golds: list, texts: list[str], timeout: float) -> list[float | N
     """1.0 / 0.0 per completion, None where the gold cannot be parsed. Main thread: inline with a
     per-completion deadline; other threads: in a child process (see module docstring)."""
     if threading.current_thread() is threading.main_thread():
-        return [_verify_one(g, t, timeout) for g, t in zip(golds, texts)]
+        slow_golds: set = set()
+        return [_verify_one(g, t, timeout, slow_golds) for g, t in zip(golds, texts)]
     return _in_child(golds, texts, timeout)
 
 

@@ -18,7 +18,7 @@ _STEPS = re.compile(r"Step [0-9]+:|^[0-9]+\.|\n-|\n\*|First,|Second,|Next,|Final
     "reasoning_steps",
     "min(1, steps/3) where steps counts 'Step N:', numbered lines ('1.'), bullets (- or *) and "
     "First, / Second, / Next, / Finally, (open-r1).",
-    best=1.0,
+    best=None,
 )
 def reasoning_steps():
     def reward(prompts=None, completions=None, **kwargs):
@@ -40,7 +40,7 @@ def reasoning_steps():
     "repetition_penalty",
     "N-gram repetition penalty (open-r1, Appendix C.2 of arXiv:2502.03373): (1 - distinct/total n-grams of "
     "lower-cased words) * max_penalty; 0 for texts shorter than ngram_size words.",
-    best=0.0,
+    best=None,
     ngram_size=3,
     max_penalty=-1.0,
 )
