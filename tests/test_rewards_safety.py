@@ -72,6 +72,13 @@ prompt = st.one_of(
 COLUMNS = ("answer", "solution", "nums", "target")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _warm():
+    """One-time imports (math-verify, sympy, rapidfuzz) are not what the time bounds below are about."""
+    for f in FUNCS.values():
+        f(completions=["\\boxed{1}"], answer=["1"], solution=["$1$"], nums=[[1]], target=[1])
+
+
 def _check(out, n):
     assert isinstance(out, list) and len(out) == n
     for v in out:
