@@ -172,7 +172,7 @@ def _special(cfg: dict, key: str):
     return v.get("content") if isinstance(v, dict) else v
 
 
-def _vocab(writer, gguf, model_dir: Path, vocab_size: int, log) -> dict:
+def _vocab(writer, gguf, model_dir: Path, vocab_size: int, is_llama: bool, log) -> dict:
     """Tokens, token types, merges, special ids, add_bos/add_eos and the chat template. Read with the
     `tokenizers` library straight from tokenizer.json: the tokenizer exactly as the model ships it, and
     no transformers import on this path."""
@@ -211,11 +211,13 @@ def _vocab(writer, gguf, model_dir: Path, vocab_size: int, log) -> dict:
             "split some text differently from transformers")
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
+    tcfg_file = model_dir / "tokenizer_config.json"
+    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.is_file() else {}
+    if is_llama and tcfg.get("add_prefix_space") is not None:  # llama.cpp's llama converter writes it
+        writer.add_add_space_prefix(bool(tcfg["add_prefix_space"]))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    tcfg_file = model_dir / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.is_file() else {}
     bos, eos = (vocab.get(_special(tcfg, "bos_token")), vocab.get(_special(tcfg, "eos_token")))
     # Say explicitly whether BOS/EOS are added, from what the tokenizer really does.
     ids = tok.encode("a").ids
@@ -276,14 +278,14 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
         plan.append((name, None, t, list(t.shape), gguf.GGMLQuantizationType.F32))
     for shard in checkpoint_shards(model_dir):
         header, _ = read_header(shard)
-        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            if name.endswith("rotary_emb.inv_freq") or (tied and name == "lm_head.weight"):
+        for hf_name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
                 continue
-            gname = tname.get_name(name, try_suffixes=(".weight", ".bias"))
+            gname = tname.get_name(hf_name, try_suffixes=(".weight", ".bias"))
             if gname is None:
-                raise UserError(f"{shard.name}: tensor {name} has no GGUF name for {hf_arch}; not exportable")
+                raise UserError(f"{shard.name}: tensor {hf_name} has no GGUF name for {hf_arch}; not exportable")
             shape = entry["shape"]
-            plan.append((gname, shard, name, shape, _tensor_type(gguf, gname, shape, qtype)))
+            plan.append((gname, shard, hf_name, shape, _tensor_type(gguf, gname, shape, qtype)))
             n_params += math.prod(shape)
     for gname, _, _, shape, ttype in plan:
         if ttype == gguf.GGMLQuantizationType.F32:
@@ -311,7 +313,7 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
     if is_llama:
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(head_dim)
-    vocab_info = _vocab(writer, gguf, model_dir, cfg["vocab_size"], log)
+    vocab_info = _vocab(writer, gguf, model_dir, cfg["vocab_size"], is_llama, log)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     # Pass 2: stream the tensors in plan order.
