@@ -4,6 +4,7 @@ transformers' GGUF loader for llama (the embedded SmolLM2), qwen2 and qwen3, and
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -192,3 +193,26 @@ def test_kquant_with_llama_quantize(base_model_dir, tmp_path):
 
     rep = export(base_model_dir, tmp_path / "model-q4_k_m.gguf", "q4_k_m", log=lambda s: None)
     assert "Q4_K" in set(read_back(rep.path)["tensors"].values())
+
+
+@pytest.mark.skipif(not os.environ.get("LLAMA_CPP_CONVERT"),
+                    reason="set LLAMA_CPP_CONVERT=/path/to/llama.cpp/convert_hf_to_gguf.py to compare with it")
+@pytest.mark.parametrize("qtype", ["f16", "q8_0"])
+def test_tensors_identical_to_llama_cpp_converter(base_model_dir, tmp_path, qtype):
+    """Same tensor names, order, types, shapes and bytes as llama.cpp's own converter."""
+    import subprocess
+    import sys
+
+    import gguf
+    import numpy as np
+
+    from lowmem_r1.export_gguf import export
+
+    ref = tmp_path / "ref.gguf"
+    subprocess.run([sys.executable, os.environ["LLAMA_CPP_CONVERT"], str(base_model_dir), "--outtype", qtype,
+                    "--outfile", str(ref)], check=True, capture_output=True)
+    ours = export(base_model_dir, tmp_path / "ours.gguf", qtype, verify=False, log=lambda s: None).path
+    a, b = gguf.GGUFReader(str(ref)), gguf.GGUFReader(str(ours))
+    assert [(t.name, t.tensor_type, tuple(t.shape)) for t in a.tensors] == \
+        [(t.name, t.tensor_type, tuple(t.shape)) for t in b.tensors]
+    assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a.tensors, b.tensors))
