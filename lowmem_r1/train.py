@@ -42,6 +42,9 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     console.print(f"[bold]lowmem-r1[/] run [cyan]{run.path}[/] - backend [cyan]{backend.name}[/] ({why})")
     _warn_if_not_fit(recipe, console)
 
+    from transformers import set_seed
+
+    set_seed(recipe.training.seed)  # LoRA's A matrices are drawn at random: same seed, same run
     model, tokenizer = backend.load(recipe)
     from .data import load_splits
 
