@@ -27,9 +27,9 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from .errors import UserError
 
@@ -49,7 +49,7 @@ ARCHS = {"LlamaForCausalLM": "LLAMA", "MistralForCausalLM": "LLAMA",
 
 # llama.cpp names the BPE pre-tokenizer by hashing the token ids of this text (its
 # convert_hf_to_gguf_update.py); the hashes of the tokenizers this toolkit trains are listed here.
-_CHKTXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'  # noqa: E501
+_CHKTXT = '\n \n\n \n\n\n \t \t\t \t\n  \n   \n    \n     \n🚀 (normal) 😶\u200d🌫️ (multiple emojis concatenated) ✅ 🦙🦙 3 33 333 3333 33333 333333 3333333 33333333 3.3 3..3 3...3 កាន់តែពិសេសអាច😁 ?我想在apple工作1314151天～ ------======= нещо на Български \'\'\'\'\'\'```````""""......!!!!!!?????? I\'ve been \'told he\'s there, \'RE you sure? \'M not sure I\'ll make it, \'D you like some tea? We\'Ve a\'lL'
 _PRE_BY_HASH = {
     "855059429035d75a914d1eda9f10a876752e281a054a7a3d421ef0533e5b6249": "smollm",
     "e636dc30a262dcc0d8c323492e32ae2b70728f4df7dfe9737d9f920a282b8aea": "qwen2",
@@ -251,7 +251,7 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
     import gguf
     import numpy as np
 
-    from .merge import checkpoint_shards, iter_tensors, read_header
+    from .merge import checkpoint_shards, iter_entries, read_header
 
     t0 = time.perf_counter()
     model_dir, out_path = Path(model_dir), Path(out_path)
@@ -274,8 +274,8 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
     # Pass 1, headers only: what goes into the file, with which type and size.
     plan = []  # (gguf name, shard, hf name, shape, ggml type)
     n_params = 0
-    for name, t in extra:
-        plan.append((name, None, t, list(t.shape), gguf.GGMLQuantizationType.F32))
+    for gname, t in extra:
+        plan.append((gname, None, t, list(t.shape), gguf.GGMLQuantizationType.F32))
     for shard in checkpoint_shards(model_dir):
         header, _ = read_header(shard)
         for hf_name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
@@ -329,13 +329,14 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
                 counts[ttype.name] = counts.get(ttype.name, 0) + 1
         for shard in dict.fromkeys(p[1] for p in plan if p[1] is not None):
             wanted = {p[2]: p for p in plan if p[1] == shard}
-            for name, t in iter_tensors(shard):  # same file order as the plan
-                if name not in wanted:
-                    continue  # a tied lm_head or a rotary buffer
-                gname, _, _, _, ttype = wanted[name]
-                if is_llama and name.endswith(("q_proj.weight", "q_proj.bias")):
+            for hf_name, _, read in iter_entries(shard):  # same file order as the plan
+                if hf_name not in wanted:
+                    continue  # a tied lm_head or a rotary buffer: not even read
+                gname, _, _, _, ttype = wanted[hf_name]
+                t = read()
+                if is_llama and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                     t = _permute(t, n_head)
-                elif is_llama and name.endswith(("k_proj.weight", "k_proj.bias")):
+                elif is_llama and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                     t = _permute(t, n_kv)
                 writer.write_tensor_data(_convert(gguf, t, ttype))
                 counts[ttype.name] = counts.get(ttype.name, 0) + 1
@@ -366,7 +367,8 @@ def _export_kquant(model_dir: Path, out_path: Path, qtype: str, verify: bool, lo
         export(model_dir, f16, "f16", verify=False, log=log, name=name)
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     try:
-        proc = subprocess.run([exe, str(f16), str(tmp), LLAMA_QUANTIZE_TYPES[qtype]], capture_output=True, text=True)
+        proc = subprocess.run([exe, str(f16), str(tmp), LLAMA_QUANTIZE_TYPES[qtype]], capture_output=True, text=True,
+                              check=False)
         if proc.returncode != 0:
             raise UserError(f"llama-quantize {LLAMA_QUANTIZE_TYPES[qtype]} failed (exit {proc.returncode}): "
                             f"{proc.stderr.strip()[-400:]}", exit_code=1)

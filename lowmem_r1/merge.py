@@ -25,9 +25,9 @@ import json
 import re
 import shutil
 import struct
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 from .errors import UserError
 
@@ -89,7 +89,7 @@ def iter_entries(path: Path):
             yield name, entry, partial(_read_rows, f, start, entry)
 
 
-def iter_tensors(path: Path) -> Iterator[tuple[str, "torch.Tensor"]]:  # noqa: F821
+def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:  # noqa: F821
     """Yield (name, tensor) in file order, reading each tensor's bytes once."""
     for name, _, read in iter_entries(path):
         yield name, read()
@@ -240,7 +240,7 @@ def check_base(base_dir: Path) -> dict:
 class Lora:
     """Deltas keyed by the base checkpoint's tensor name; full replacements from modules_to_save."""
     deltas: dict[str, tuple] = field(default_factory=dict)  # name -> (A, B, scaling, transpose)
-    replace: dict[str, "torch.Tensor"] = field(default_factory=dict)  # noqa: F821
+    replace: dict[str, torch.Tensor] = field(default_factory=dict)  # noqa: F821
     config: dict = field(default_factory=dict)
 
 
