@@ -1,0 +1,40 @@
+"""Model names: builtin alias -> cached plain HF folder (eos fixed), hub ids pass through, bad names fail clearly."""
+
+import json
+
+import pytest
+
+from lowmem_r1.errors import UserError
+from lowmem_r1.models import builtin_gguf_path, is_hub_id, resolve_model
+
+
+def test_builtin_alias_is_a_plain_trainable_folder(base_model_dir):
+    assert (base_model_dir / "config.json").is_file() and (base_model_dir / "model.safetensors").is_file()
+    config = json.loads((base_model_dir / "config.json").read_text())
+    assert "quantization_config" not in config  # the GGUF quantizer that refuses training is gone
+    tok = json.loads((base_model_dir / "tokenizer_config.json").read_text())
+    assert tok["eos_token"] == "<|im_end|>"  # transformers' GGUF loader names <|im_start|>: generation never stops
+    assert (base_model_dir / "chat_template.jinja").read_text().count("<|im_start|>") >= 1
+    # cached: a second resolve is the same folder and does not reconvert
+    mtime = (base_model_dir / "model.safetensors").stat().st_mtime
+    assert resolve_model("builtin:smollm2-135m-instruct") == str(base_model_dir)
+    assert (base_model_dir / "model.safetensors").stat().st_mtime == mtime
+
+
+def test_builtin_gguf_is_found_without_importing_the_package(base_model_dir):
+    path = builtin_gguf_path("builtin:smollm2-135m-instruct")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+
+
+def test_names(tmp_path):
+    assert resolve_model("Qwen/Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
+    assert is_hub_id("openai/gsm8k") and not is_hub_id("./local/model") and not is_hub_id("x.gguf")
+    with pytest.raises(UserError, match="unknown builtin alias"):
+        resolve_model("builtin:gpt-5")
+    with pytest.raises(UserError, match="GGUF file not found"):
+        resolve_model(str(tmp_path / "missing.gguf"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no config.json"):
+        resolve_model(str(tmp_path / "empty"))
+    with pytest.raises(UserError, match="not a local folder"):
+        resolve_model("no/such/thing/here")
