@@ -15,25 +15,20 @@ from pathlib import Path
 
 from .faults import maybe_fault
 from .rewards import build
+from .rewards.extract import completion_text
+from .rewards.extract import prompt_text as _prompt_text
 
 
 class RewardFailure(Exception):
     """A reward raised during training; the message is ready to show the user."""
 
 
-def completion_text(c) -> str:
-    if isinstance(c, str):
-        return c
-    if isinstance(c, list) and c and isinstance(c[-1], dict):
-        return str(c[-1].get("content", ""))
-    return str(c)
-
-
-def prompt_text(p) -> str:
-    if isinstance(p, list) and p and isinstance(p[-1], dict):
-        users = [m.get("content", "") for m in p if m.get("role") == "user"]
-        return str(users[-1] if users else p[-1].get("content", ""))
-    return str(p)
+def prompt_text(prompt) -> str:
+    """The user's words (the last user turn of a conversation), for completions.jsonl."""
+    if isinstance(prompt, list):
+        users = [m for m in prompt if isinstance(m, dict) and m.get("role") == "user"]
+        return _prompt_text(users[-1:] or prompt)
+    return _prompt_text(prompt)
 
 
 def _short(text: str, n: int = 160) -> str:
