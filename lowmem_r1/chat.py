@@ -7,9 +7,10 @@ on (its recipe's system prompt and assistant prefix), so what you see is what th
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO
 
 from .inference import Generator, ModelRef, Sampling, load_generator, resolve_ref
 

@@ -106,7 +106,7 @@ def resolve_target(target: str, model: str | None = None, data: str | None = Non
             "name": "eval", "model": {"name": ref.base},
         }
         raw["data"] = {"source": data, "task": task, "shuffle": False}
-        if rewards or recipe is None or _needs_task_rewards(recipe, task):
+        if rewards or recipe is None or recipe.data.task != task:  # another task needs its own rewards
             names = rewards or DEFAULT_REWARDS.get(task, ["answer_match"])
             raw["rewards"] = [{"name": n} for n in names]
         recipe = recipe_from_dict(raw, source=f"--data {data} --task {task}")
@@ -116,10 +116,6 @@ def resolve_target(target: str, model: str | None = None, data: str | None = Non
         raw["rewards"] = [{"name": n} for n in rewards]
         recipe = recipe_from_dict(raw, source="--reward")
     return EvalTarget(recipe, ref, out_root)
-
-
-def _needs_task_rewards(recipe, task: str) -> bool:
-    return recipe.data.task != task
 
 
 def eval_rows(target: EvalTarget, tokenizer, limit: int | None) -> list[dict]:
@@ -202,7 +198,7 @@ def score(recipe, rows: list[dict], outs: list[list[Completion]], label: str) ->
         func = rewards.build(entry.name, **entry.params)
         try:
             got = func(prompts=prompts, completions=completions, completion_ids=ids, **columns)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  (on_error = "skip" is the recipe's call)
             if entry.on_error != "skip":
                 raise UserError(f"reward {entry.name} failed during eval: {type(e).__name__}: {e}") from None
             got = [None] * len(texts)
@@ -323,7 +319,6 @@ def evaluate(target: str, settings: EvalSettings, model: str | None = None, data
         gen = load_generator(t.ref, settings.engine)
     results["engine"] = gen.engine
     prompt_ids = [gen.encode(r["prompt"]) for r in rows]
-    runs = [("tuned" if settings.baseline else "model", gen)]
     scored: dict[str, Scored] = {}
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=err, transient=False) as progress:
@@ -376,8 +371,7 @@ def save(results: dict, records: list[dict], t: EvalTarget, s: EvalSettings) -> 
     with atomic_dir(Path(out), force=s.force) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         with open(tmp / "generations.jsonl", "w", encoding="utf-8") as f:
-            for r in records:
-                f.write(json.dumps(r, ensure_ascii=False, default=str) + "\n")
+            f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)
     return Path(out)
 
 

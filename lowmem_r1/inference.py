@@ -13,9 +13,9 @@ import gc
 import importlib.util
 import json
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
 
 from .errors import UserError
 
@@ -32,7 +32,7 @@ class ModelRef:
     label: str = ""
     load_in_4bit: bool = False
 
-    def base_only(self) -> "ModelRef":
+    def base_only(self) -> ModelRef:
         return ModelRef(self.base, None, None, f"{self.base} (base)", self.load_in_4bit)
 
 
@@ -212,7 +212,7 @@ class Generator:
             try:
                 with torch.inference_mode():
                     self.extra["last_output"] = self.model.generate(**inputs, **kwargs, streamer=streamer)
-            except BaseException as e:  # surfaced in the caller's thread below
+            except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread below)
                 failure.append(e)
                 streamer.end()
 
@@ -280,7 +280,7 @@ class Generator:
         ]
 
     # -- lifetime --------------------------------------------------------------------------------
-    def for_base(self) -> "Generator":
+    def for_base(self) -> Generator:
         """The same model without its adapter: vLLM keeps its engine (no LoRA request); the others
         free this model first and load the base."""
         base = self.ref.base_only()

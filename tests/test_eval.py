@@ -5,12 +5,18 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 
 from lowmem_r1.errors import UserError
-from lowmem_r1.evaluate import EvalSettings, correctness_rewards, evaluate, lenient_correct, resolve_target, score
+from lowmem_r1.evaluate import (
+    EvalSettings,
+    correctness_rewards,
+    evaluate,
+    lenient_correct,
+    resolve_target,
+    score,
+)
 from lowmem_r1.inference import Completion
 from lowmem_r1.recipe import recipe_from_dict
 
