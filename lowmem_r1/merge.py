@@ -585,10 +585,16 @@ def merge(target: str | Path | None = None, base: str | None = None, out: Path |
                                 "Is --base the model this adapter was trained on?", exit_code=1)
         result = MergeResult(out, report, parity)
         name = Path(str(src.base)).name + (f"-{src.run_dir.name}" if src.run_dir else "")
+        kquants = [t for t in gguf_types if t in export_gguf.LLAMA_QUANTIZE_TYPES]
+        scratch_f16 = bool(kquants) and "f16" not in gguf_types
+        if scratch_f16:  # llama-quantize starts from F16; make it once for all k-quants, drop it after
+            export_gguf.export(tmp, tmp / "model-f16.gguf", "f16", verify=False, log=log, name=name)
         for t in gguf_types:
             rep = export_gguf.export(tmp, tmp / f"model-{t}.gguf", t, verify=verify, log=log, name=name)
             rep.path = out / rep.path.name
             result.ggufs.append(rep)
+        if scratch_f16:
+            (tmp / "model-f16.gguf").unlink()
         if ollama:
             from .ollama import write_modelfile
 
