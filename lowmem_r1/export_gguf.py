@@ -251,7 +251,7 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
     import gguf
     import numpy as np
 
-    from .merge import checkpoint_shards, iter_entries, read_header
+    from .merge import checkpoint_shards, iter_entries, one_torch_thread, read_header
 
     t0 = time.perf_counter()
     model_dir, out_path = Path(model_dir), Path(out_path)
@@ -319,33 +319,34 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
     # Pass 2: stream the tensors in plan order.
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
     counts: dict[str, int] = {}
-    try:
-        writer.write_header_to_file(tmp)
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        for gname, shard, t, shape, ttype in plan:  # extra tensors first, then shard by shard
-            if shard is None:
-                writer.write_tensor_data(_convert(gguf, t, ttype))
-                counts[ttype.name] = counts.get(ttype.name, 0) + 1
-        for shard in dict.fromkeys(p[1] for p in plan if p[1] is not None):
-            wanted = {p[2]: p for p in plan if p[1] == shard}
-            for hf_name, _, read in iter_entries(shard):  # same file order as the plan
-                if hf_name not in wanted:
-                    continue  # a tied lm_head or a rotary buffer: not even read
-                gname, _, _, _, ttype = wanted[hf_name]
-                t = read()
-                if is_llama and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                    t = _permute(t, n_head)
-                elif is_llama and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                    t = _permute(t, n_kv)
-                writer.write_tensor_data(_convert(gguf, t, ttype))
-                counts[ttype.name] = counts.get(ttype.name, 0) + 1
-        writer.close()
-        os.replace(tmp, out_path)
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    with one_torch_thread():  # memory-bound streaming: see merge.one_torch_thread
+        try:
+            writer.write_header_to_file(tmp)
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            for gname, shard, t, shape, ttype in plan:  # extra tensors first, then shard by shard
+                if shard is None:
+                    writer.write_tensor_data(_convert(gguf, t, ttype))
+                    counts[ttype.name] = counts.get(ttype.name, 0) + 1
+            for shard in dict.fromkeys(p[1] for p in plan if p[1] is not None):
+                wanted = {p[2]: p for p in plan if p[1] == shard}
+                for hf_name, _, read in iter_entries(shard):  # same file order as the plan
+                    if hf_name not in wanted:
+                        continue  # a tied lm_head or a rotary buffer: not even read
+                    gname, _, _, _, ttype = wanted[hf_name]
+                    t = read()
+                    if is_llama and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                        t = _permute(t, n_head)
+                    elif is_llama and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                        t = _permute(t, n_kv)
+                    writer.write_tensor_data(_convert(gguf, t, ttype))
+                    counts[ttype.name] = counts.get(ttype.name, 0) + 1
+            writer.close()
+            os.replace(tmp, out_path)
+        except BaseException:
+            writer.close()
+            tmp.unlink(missing_ok=True)
+            raise
     report = GGUFReport(out_path, qtype, len(plan), out_path.stat().st_size, time.perf_counter() - t0, counts)
     log(f"wrote {out_path.name}: {len(plan)} tensors {counts}, {report.bytes / 1e6:.0f} MB in {report.seconds:.1f}s"
         f" (pre-tokenizer {vocab_info['pre']})")

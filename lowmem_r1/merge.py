@@ -26,6 +26,7 @@ import re
 import shutil
 import struct
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -333,6 +334,20 @@ class MergeReport:
 CHUNK_BYTES = 16 << 20  # rows of a tensor read, merged and written at a time
 
 
+@contextmanager
+def one_torch_thread():
+    """Streaming tensors is memory-bound: one thread is as fast, and it does not collapse when the CPU is
+    shared (torch's spinning worker threads slowed a 2-core machine under load by 2-5x)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
 def _abt(spec: tuple) -> tuple:
     a, b, _, transpose = spec
     return a, b, transpose
@@ -362,6 +377,13 @@ def merge_weights(base_dir: Path, lora: Lora, out_dir: Path, dtype: str,
 
     def out_dtype(entry_dtype: str) -> str:
         return _TORCH_TO_ST[dtype] if entry_dtype in ("F32", "F16", "BF16", "F64") else entry_dtype
+
+    with one_torch_thread():
+        return _stream_merge(shards, headers, lora, out_dir, target, out_dtype, dtype, t0, log)
+
+
+def _stream_merge(shards, headers, lora, out_dir, target, out_dtype, dtype, t0, log) -> MergeReport:
+    import time
 
     weight_map, total, merged, count = {}, 0, 0, 0
     for shard in shards:
