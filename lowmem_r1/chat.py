@@ -253,7 +253,10 @@ def repl(conv: Conversation, opts: ChatOptions, stdin: IO[str], console, other: 
         if other is not None:
             _compare_turn(console, [other, conv], line, opts)
             continue
-        _stream_turn(console, conv, line, opts)
+        try:
+            _stream_turn(console, conv, line, opts)
+        except KeyboardInterrupt:  # stop this answer, keep the session
+            console.print(Text("\n(interrupted)", style="dim"))
     return 0
 
 

@@ -207,21 +207,33 @@ class Generator:
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
         failure: list[BaseException] = []
+        stop = threading.Event()  # set when the reader stops early (Ctrl-C): generation ends at the next token
 
         def run():
+            from transformers import StoppingCriteria, StoppingCriteriaList
+
+            class Stop(StoppingCriteria):
+                def __call__(self, input_ids, scores, **kw):
+                    return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
             try:
                 with torch.inference_mode():
-                    self.extra["last_output"] = self.model.generate(**inputs, **kwargs, streamer=streamer)
+                    self.extra["last_output"] = self.model.generate(
+                        **inputs, **kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()])
+                    )
             except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread below)
                 failure.append(e)
                 streamer.end()
 
         thread = threading.Thread(target=run, daemon=True)
         thread.start()
-        for piece in streamer:
-            if piece:
-                yield piece
-        thread.join()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            stop.set()
+            thread.join()
         if failure:
             raise failure[0]
         out = self.extra.pop("last_output", None)

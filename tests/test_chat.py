@@ -241,3 +241,12 @@ def test_cli_errors_are_one_line(tmp_path):
     empty.mkdir()
     with pytest.raises(UserError, match="no trained model"):
         resolve_ref(None, root=empty)
+
+
+def test_closing_a_stream_stops_generation(base_gen):
+    """Ctrl-C (the reader stops early) ends generation instead of leaving a thread generating."""
+    ids = base_gen.encode([{"role": "user", "content": "Write a long story about a cat."}])
+    stream = base_gen.stream(ids, Sampling(temperature=0.0, max_new_tokens=64))
+    next(stream)
+    stream.close()  # what a KeyboardInterrupt in the reader does to the generator
+    assert base_gen.extra["last_output"].shape[1] - len(ids) < 64
