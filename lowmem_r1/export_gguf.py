@@ -423,6 +423,14 @@ def read_back(path: Path) -> dict:
 def verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None = None) -> str:
     """Read the file back (names, types, metadata) and run it through transformers' GGUF loader:
     logits and greedy tokens against the merged model. Raises on a mismatch; returns a summary line."""
+    from .merge import check_setup
+
+    compute, ctx = check_setup(Path(model_dir), "bfloat16")
+    with ctx:
+        return _verify_gguf(path, model_dir, qtype, expected, compute)
+
+
+def _verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None, compute: str) -> str:
     import gc
 
     import torch
@@ -464,10 +472,10 @@ def verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None =
             greedy = model.generate(chat, generation_config=gen)[0, chat.shape[1]:].tolist()
         return logits, greedy
 
-    key = (str(model_dir.resolve()), *[(s.stat().st_size, s.stat().st_mtime_ns) for s in checkpoint_shards(model_dir)])
+    key = (str(model_dir.resolve()), compute, *[(s.stat().st_size, s.stat().st_mtime_ns) for s in checkpoint_shards(model_dir)])
     if key not in _REFERENCE:  # one reference run per merged model, however many GGUF types
         _REFERENCE.clear()
-        ref_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+        ref_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, compute))
         _REFERENCE[key] = run(ref_model.eval())
         del ref_model
         gc.collect()
@@ -480,7 +488,8 @@ def verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None =
     bar = gguf_utils.tqdm
     gguf_utils.tqdm = partial(bar, disable=True)
     try:
-        g_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        g_model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                       dtype=getattr(torch, compute))
     finally:
         gguf_utils.tqdm = bar
     got, got_greedy = run(g_model.eval())

@@ -22,6 +22,7 @@ reading each tensor with a plain `readinto` keeps exactly one tensor in memory.
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import struct
@@ -495,18 +496,36 @@ def _max_diff(a: list, b: list) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
+SMALL_MODEL = 1_000_000_000  # parameters; up to this size checks compute in float32 on one thread
+
+
+def check_setup(model_dir: Path, big_dtype: str):
+    """(compute dtype, context) for a check of this model: a small model in float32 on one thread (a few
+    probe tokens gain nothing from more, and spinning threads collapse on a busy CPU); a big one in its
+    16-bit dtype (half the memory) on all threads."""
+    from contextlib import nullcontext
+
+    n = sum(math.prod(e["shape"]) for s in checkpoint_shards(model_dir) for e in read_header(s)[0].values())
+    if n <= SMALL_MODEL:
+        return "float32", one_torch_thread()
+    return (big_dtype if big_dtype != "float32" else "bfloat16"), nullcontext()
+
+
 def verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str) -> ParityReport:
     """Logits of the merged folder vs the base with the adapter attached (peft), on a few probe prompts.
-    One model in memory at a time. Small models compute in float32, big ones in the merged dtype."""
+    One model in memory at a time."""
+    compute, ctx = check_setup(merged_dir, dtype)
+    with ctx:
+        return _verify_merge(base_dir, adapter_dir, merged_dir, dtype, compute)
+
+
+def _verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: str, compute: str) -> ParityReport:
     import gc
 
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    n_bytes = sum(s.stat().st_size for s in checkpoint_shards(merged_dir))
-    n_params = n_bytes // {"float32": 4}.get(dtype, 2)
-    compute = "float32" if n_params <= 1_000_000_000 else dtype
     cdt = getattr(torch, compute)
     tok = AutoTokenizer.from_pretrained(str(merged_dir))
     inputs = probe_inputs(tok)
