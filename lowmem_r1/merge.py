@@ -537,7 +537,9 @@ def _verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: st
     with model.disable_adapter():
         plain = _logits(model, inputs)
     peft_merged = model.merge_and_unload()
-    peft_merged.to(getattr(torch, dtype)).to(cdt)  # round like the merged file, compute like the reference
+    with torch.no_grad():  # round like the merged file, compute like the reference; one tensor at a time
+        for p in peft_merged.parameters():
+            p.data = p.data.to(getattr(torch, dtype)).to(cdt)
     peft_ref = _logits(peft_merged, inputs)
     del base, model, peft_merged
     gc.collect()
