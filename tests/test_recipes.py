@@ -20,7 +20,7 @@ GPU_RECIPES = [p for p in RECIPES if p.stem != "demo"]
 # Rewards with full marks for any correct, well-formed answer. The others measure something a gold answer
 # need not have (similarity to the reference text, step markers, n-gram variety, length).
 CORRECTNESS = {"answer_match", "boxed_match", "math_accuracy", "countdown_equation", "integer_answer",
-               "think_format", "xml_strict_format", "xml_soft_format", "overlong_penalty"}
+               "think_format", "xml_strict_format", "xml_soft_format"}
 
 NUMINA_LIKE = [  # NuminaMath-TIR rows (problem, solution with \boxed{}), written here: no hub in tests
     {"problem": "What is the coefficient of $x^2y^6$ in the expansion of $\\left(\\frac{3}{5}x-\\frac{y}{2}\\right)^8$?",
