@@ -47,6 +47,12 @@ def resolve_model(name: str) -> str:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise UserError(f"model {name}: GGUF file not found; check the path")
+        for alias in BUILTINS:  # the embedded file itself: reuse the builtin's cached folder
+            try:
+                if builtin_gguf_path(alias).resolve() == path.resolve():
+                    return str(builtin_model_dir(alias))
+            except UserError:
+                pass
         return str(gguf_to_folder(path))
     if path.exists():
         if path.is_dir() and not (path / "config.json").is_file():
