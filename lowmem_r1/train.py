@@ -147,7 +147,9 @@ def prepare_run_dir(recipe: Recipe, resume: str | None, force: bool) -> tuple[Ru
         return run, checkpoint
 
     run = RunDir(recipe.run_dir())
-    if run.path.exists() and any(run.path.iterdir()):
+    # A start that failed before training (bad data path, say) leaves only recipe.toml: reuse it.
+    leftovers = {"recipe.toml", "checkpoints"}
+    if run.path.exists() and any(p.name not in leftovers or run.checkpoint_dirs() for p in run.path.iterdir()):
         if not force:
             raise UserError(
                 f"{run.path}: already holds a run; pass --resume to continue it, --force to start a new run "

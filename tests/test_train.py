@@ -155,3 +155,14 @@ def test_out_of_memory_advice_names_the_settings_to_lower():
     for key in ("training.num_generations = 2", "generation.max_completion_length = 8",
                 "gpu_memory_utilization", "--resume runs/x"):
         assert key in text, key
+
+
+def test_a_start_that_failed_before_training_does_not_block_the_next(tmp_path):
+    from lowmem_r1.train import prepare_run_dir
+
+    recipe = recipe_from_dict(tiny(tmp_path / "r"))
+    prepare_run_dir(recipe, resume=None, force=False)  # e.g. then the data path turned out wrong
+    prepare_run_dir(recipe, resume=None, force=False)  # the retry is not asked for --force
+    (tmp_path / "r" / "run.json").write_text("{}")
+    with pytest.raises(UserError, match="already holds a run"):
+        prepare_run_dir(recipe, resume=None, force=False)
