@@ -192,6 +192,12 @@ class Recipe(Section):
             )
         if self.lora.alpha <= 0:
             raise _Combination("lora.alpha", "lora.alpha must be positive")
+        if self.data.generator and not self.data.source.startswith("builtin:"):
+            raise _Combination(
+                "data.generator",
+                f"only builtin:arithmetic and builtin:countdown take generator parameters, not "
+                f"data.source = {self.data.source!r}; remove data.generator or use a builtin source",
+            )
         if not self.rewards:
             raise _Combination("rewards", "the recipe has no [[rewards]]: add at least one reward table")
         if g.vllm_mode == "server" and not g.use_vllm:

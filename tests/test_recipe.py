@@ -148,3 +148,9 @@ def test_cli_dry_run_prints_numbers_fast(tmp_path):
 @pytest.mark.parametrize("recipe", sorted((REPO / "recipes").glob("*.toml")), ids=lambda p: p.name)
 def test_bundled_recipes_validate(recipe):
     assert load_recipe(recipe).rewards
+
+
+def test_generator_parameters_need_a_builtin_source(tmp_path):
+    msg = err(tmp_path, '[data]\nsource = "x.jsonl"\ntask = "gsm8k"\ngenerator = { n = 5 }\n'
+                        '[[rewards]]\nname = "answer_match"\n')
+    assert "data.generator" in msg and "x.jsonl" in msg
