@@ -194,27 +194,6 @@ def last_boxed(text: str, max_candidates: int = 16) -> str | None:
                     return content
                 break
     return None
-    starts = []
-    pos = len(text)
-    while len(starts) < max_candidates:
-        i = max(text.rfind("\\boxed", 0, pos), text.rfind("\\fbox", 0, pos))
-        if i < 0:
-            break
-        starts.append(i)
-        pos = i
-    for i in starts:
-        m = _BOXED.match(text, i, i + 40)
-        if not m:
-            continue
-        depth = 1
-        for b in _BRACE.finditer(text, m.end(), min(len(text), m.end() + MAX_ANSWER_CHARS)):
-            depth += 1 if b.group() == "{" else -1
-            if depth == 0:
-                content = text[m.end() : b.start()].strip()
-                if content:
-                    return content
-                break
-    return None
 
 
 _NUMBER = re.compile(r"[-+−]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)(?:\.[0-9]+)?|[-+−]?\.[0-9]+")
