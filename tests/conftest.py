@@ -28,6 +28,17 @@ def base_model_dir() -> Path:
     return Path(resolve_model("builtin:smollm2-135m-instruct"))
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Small models and few-token probes: one thread is as fast, and immune to a busy shared CPU."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def gsm8k_dir() -> Path:
     if not (GSM8K_DIR / "test.jsonl").is_file():

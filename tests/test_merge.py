@@ -13,15 +13,7 @@ import pytest
 from lowmem_r1.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Probe prompts are a few tokens: one thread is as fast, and immune to a busy shared CPU."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
