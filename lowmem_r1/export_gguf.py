@@ -13,22 +13,26 @@ convert_hf_to_gguf.py writes for the llama, qwen2 and qwen3 architectures:
   tokenizer (BPE vocab, merges, token types, special ids, add_bos/add_eos, pre-tokenizer id, the chat
   template - transformers 5 keeps it in chat_template.jinja).
 
-Tensors stream: the header is written from the shapes alone, then one tensor at a time is converted and
-appended, so memory stays at one tensor. k-quants (q4_k_m, ...) come from llama.cpp's `llama-quantize`
+Tensors stream: the header is written from the shapes alone, then each tensor is converted a few rows
+at a time from the memory-mapped shard and appended (see _pieces), so memory stays at one chunk. k-quants (q4_k_m, ...) come from llama.cpp's `llama-quantize`
 applied to the F16 file, only when it is on PATH.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import subprocess
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from .errors import UserError
@@ -111,19 +115,60 @@ def _tensor_type(gguf, gname: str, shape: list[int], qtype: str):
     return want
 
 
-def _convert(gguf, t, ttype):
-    """torch tensor -> numpy array of the bytes/values gguf writes for this ggml type."""
-    import numpy as np
+# Source bytes converted per piece: small enough that a chunk is still in the CPU cache between being
+# read, converted and written (SmolLM2's 538 MB to F16: 0.15 s, against 0.26 s a whole tensor at a time).
+CHUNK_BYTES = 4 << 20
+
+
+def _to_ggml(gguf, src, ttype, buffers: dict):
+    """Whole rows of a tensor -> a 1-D numpy byte array in ggml type `ttype`. F32/F16/BF16 go into a
+    buffer reused from call to call: write the result before the next call. Rows are independent in
+    every type written here (quantization blocks never cross a row), so chunks of rows give the bytes of
+    converting the whole tensor at once."""
     import torch
 
     T = gguf.GGMLQuantizationType
-    if ttype == T.F32:
-        return t.to(torch.float32).numpy()
-    if ttype == T.F16:  # round to nearest even, as numpy's astype(float16) in llama.cpp's converter
-        return t.to(torch.float16).numpy()
-    if ttype == T.BF16:  # torch rounds to nearest even, like ggml_compute_fp32_to_bf16
-        return t.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint8).reshape(*t.shape[:-1], t.shape[-1] * 2)
-    return gguf.quants.quantize(t.to(torch.float32).numpy(), ttype)
+    out_dtype = {T.F32: torch.float32, T.F16: torch.float16, T.BF16: torch.bfloat16}.get(ttype)
+    if out_dtype is None:
+        return gguf.quants.quantize(src.to(torch.float32).numpy(), ttype)
+    if src.dtype == out_dtype:
+        return src.reshape(-1).view(torch.uint8).numpy()
+    nbytes = src.numel() * out_dtype.itemsize
+    if buffers.get("out") is None or buffers["out"].numel() < nbytes:
+        buffers["out"] = torch.empty(nbytes, dtype=torch.uint8)
+    out = buffers["out"][:nbytes].view(out_dtype)
+    out.copy_(src.reshape(-1))  # rounds to nearest even, as numpy's astype and ggml's fp32->bf16 do
+    return out.view(torch.uint8).numpy()
+
+
+def _pieces(gguf, shard: Path, m, start: int, entry: dict, ttype, buffers: dict, transform=None):
+    """One tensor of a memory-mapped safetensors file as ggml byte pieces, a few rows at a time (all rows
+    when `transform`, the q/k permutation, needs them). The mapping is mmap'd, not read: no copy into a
+    read buffer; each chunk's pages are dropped from the mapping once written (MADV_DONTNEED: the page
+    cache keeps them), so resident memory stays at one chunk, not the file."""
+    import torch
+
+    from .merge import ST_DTYPES
+
+    shape = entry["shape"]
+    rows = shape[0] if shape else 1
+    a, b = entry["data_offsets"]
+    if start + b > len(m):
+        raise UserError(f"{shard}: file ends inside tensor data; the checkpoint is truncated (merge it again)")
+    row_bytes = (b - a) // max(rows, 1)
+    dtype = getattr(torch, ST_DTYPES[entry["dtype"]][0])
+    step = rows if transform else max(1, CHUNK_BYTES // max(row_bytes, 1))
+    pos = start + a
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        src = torch.frombuffer(m, dtype=dtype, count=n * row_bytes // dtype.itemsize, offset=pos)
+        src = src.reshape([n, *shape[1:]]) if shape else src.reshape(shape)
+        yield _to_ggml(gguf, transform(src) if transform else src, ttype, buffers)
+        del src
+        if hasattr(m, "madvise"):  # not on Windows
+            lo = pos - pos % mmap.PAGESIZE
+            m.madvise(mmap.MADV_DONTNEED, lo, pos + n * row_bytes - lo)
+        pos += n * row_bytes
 
 
 def _rope_metadata(writer, gguf, cfg: dict) -> list:
@@ -172,37 +217,58 @@ def _special(cfg: dict, key: str):
     return v.get("content") if isinstance(v, dict) else v
 
 
-def _vocab(writer, gguf, model_dir: Path, vocab_size: int, is_llama: bool, log) -> dict:
-    """Tokens, token types, merges, special ids, add_bos/add_eos and the chat template. Read with the
-    `tokenizers` library straight from tokenizer.json: the tokenizer exactly as the model ships it, and
-    no transformers import on this path."""
+@contextmanager
+def _gc_paused():
+    """Writing a GGUF makes ~300k small objects (tokenizer.json, the token and merge lists, a tensor view
+    per chunk), which sets off Python's cyclic GC again and again, each full pass walking every object
+    torch has loaded (parsing SmolLM2's tokenizer.json: 0.11 s with it, 0.03 s without). None of these
+    objects form cycles; the collector runs again afterwards."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+# Special tokens llama.cpp has a key for (tokenizer.ggml.<type>_token_id).
+SPECIAL_TYPES = ("bos", "eos", "unk", "sep", "pad", "mask")
+
+
+def _vocab(writer, gguf, model_dir: Path, cfg: dict, is_llama: bool, log) -> dict:
+    """Tokens, token types, merges, special ids, add_bos/add_eos and the chat template, from
+    tokenizer.json parsed once (no transformers import on this path). Not gguf's SpecialVocab: it parses
+    tokenizer.json a second time, converts merges a character at a time (~0.3 s together for a 49k
+    vocabulary, more than writing the model's tensors) and guesses add_bos from the post-processor
+    template, where this reads what the tokenizer really does."""
     from tokenizers import Tokenizer
 
+    vocab_size = cfg["vocab_size"]
     tok_json = model_dir / "tokenizer.json"
-    tok = Tokenizer.from_file(str(tok_json)) if tok_json.is_file() else None
-    if tok is None or type(tok.model).__name__ != "BPE":
+    text = tok_json.read_text(encoding="utf-8") if tok_json.is_file() else ""
+    data = json.loads(text) if text else {}
+    model = data.get("model") or {}
+    if model.get("type") != "BPE" or not isinstance(model.get("vocab"), dict):
         raise UserError(f"{model_dir}: GGUF export supports byte-level BPE tokenizers (tokenizer.json, as "
                         "SmolLM2, Llama 3 and Qwen use); this model's tokenizer is not one")
-    vocab = tok.get_vocab(with_added_tokens=True)
+    tok = Tokenizer.from_str(text)
+    added = {a["id"]: a for a in data.get("added_tokens", [])}
+    vocab = {**model["vocab"], **{a["content"]: i for i, a in added.items()}}
     if max(vocab.values()) >= vocab_size:
         raise UserError(f"{model_dir}: tokenizer has ids up to {max(vocab.values())} but the model's vocab_size "
                         f"is {vocab_size}; the embedding was not resized to the tokenizer")
-    reverse = {i: t for t, i in vocab.items()}
-    added = {i: a for i, a in tok.get_added_tokens_decoder().items()}
-    tokens, types = [], []
     TT = gguf.TokenType
-    for i in range(vocab_size):
-        if i not in reverse:
-            tokens.append(f"[PAD{i}]")
-            types.append(TT.UNUSED)
-            continue
-        t = reverse[i]
-        if i in added:  # like llama.cpp: special, or looks like <|...|>, is a control token
-            types.append(TT.CONTROL if added[i].special or (t.startswith("<|") and t.endswith("|>"))
-                         else TT.USER_DEFINED)
-        else:
-            types.append(TT.NORMAL)
-        tokens.append(t)
+    tokens: list = [None] * vocab_size
+    for t, i in vocab.items():
+        tokens[i] = t
+    types = [TT.NORMAL] * vocab_size
+    for i in [i for i, t in enumerate(tokens) if t is None]:
+        tokens[i], types[i] = f"[PAD{i}]", TT.UNUSED
+    for i, a in added.items():  # like llama.cpp: special, or looks like <|...|>, is a control token
+        t = a["content"]
+        types[i] = TT.CONTROL if a.get("special") or (t.startswith("<|") and t.endswith("|>")) else TT.USER_DEFINED
+
     chkhsh = hashlib.sha256(str(tok.encode(_CHKTXT).ids).encode()).hexdigest()
     pre = _PRE_BY_HASH.get(chkhsh)
     if pre is None:
@@ -212,23 +278,72 @@ def _vocab(writer, gguf, model_dir: Path, vocab_size: int, is_llama: bool, log) 
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     tcfg_file = model_dir / "tokenizer_config.json"
-    tcfg = json.loads(tcfg_file.read_text()) if tcfg_file.is_file() else {}
+    tcfg = json.loads(tcfg_file.read_text(encoding="utf-8")) if tcfg_file.is_file() else {}
     if is_llama and tcfg.get("add_prefix_space") is not None:  # llama.cpp's llama converter writes it
         writer.add_add_space_prefix(bool(tcfg["add_prefix_space"]))
     writer.add_token_list(tokens)
     writer.add_token_types(types)
-    special = gguf.SpecialVocab(model_dir, load_merges=True, n_vocab=vocab_size)
-    bos, eos = (vocab.get(_special(tcfg, "bos_token")), vocab.get(_special(tcfg, "eos_token")))
-    # Say explicitly whether BOS/EOS are added, from what the tokenizer really does.
-    ids = tok.encode("a").ids
-    special.add_special_token["bos"] = bos is not None and ids[:1] == [bos]
-    special.add_special_token["eos"] = eos is not None and ids[-1:] == [eos]
-    if eos is not None:  # the tokenizer's eos (the end-of-turn token of chat models) wins
-        special.special_token_ids["eos"] = eos
-    special.add_to_gguf(writer, quiet=True)
-    if special.chat_template is None:
+    merges = _merges(model)
+    if merges:
+        writer.add_token_merges(merges)
+    else:
+        log("  warning: tokenizer.json has no BPE merges; llama.cpp will tokenize character by character")
+
+    # Special ids: the tokenizer's own (tokenizer_config.json), else config.json's. The tokenizer's eos is
+    # the end-of-turn token of chat models, which is what generation must stop at.
+    ids = {}
+    for typ in SPECIAL_TYPES:
+        tid = vocab.get(_special(tcfg, f"{typ}_token"))
+        if tid is None and isinstance(cfg.get(f"{typ}_token_id"), int):
+            tid = cfg[f"{typ}_token_id"]
+        if tid is not None and 0 <= tid < vocab_size:
+            ids[typ] = tid
+            getattr(writer, f"add_{typ}_token_id")(tid)
+    enc = tok.encode("a").ids  # whether BOS/EOS are added: what the tokenizer does, not a guess
+    writer.add_add_bos_token("bos" in ids and enc[:1] == [ids["bos"]])
+    writer.add_add_eos_token("eos" in ids and enc[-1:] == [ids["eos"]])
+
+    template = _chat_template(model_dir, tcfg)
+    if template is None:
         log("  warning: no chat template found; llama.cpp and Ollama will fall back to a guess")
-    return {"pre": pre, "chat_template": special.chat_template, "eos": eos}
+    else:
+        writer.add_chat_template(template)
+    return {"pre": pre, "chat_template": template, "eos": ids.get("eos")}
+
+
+def _chat_template(model_dir: Path, tcfg: dict):
+    """tokenizer_config.json's template, else chat_template.jinja (transformers 5; with any named
+    templates in additional_chat_templates/), else chat_template.json. A list means named templates."""
+    if isinstance(tcfg.get("chat_template"), (str, list)):
+        return tcfg["chat_template"]
+    jinja, as_json = model_dir / "chat_template.jinja", model_dir / "chat_template.json"
+    if jinja.is_file():
+        template = jinja.read_text(encoding="utf-8")
+        named = sorted((model_dir / "additional_chat_templates").glob("*.jinja"))
+        if named:
+            return [{"name": "default", "template": template}] + [
+                {"name": p.stem, "template": p.read_text(encoding="utf-8")} for p in named]
+        return template
+    if as_json.is_file():
+        return json.loads(as_json.read_text(encoding="utf-8")).get("chat_template")
+    return None
+
+
+def _merges(model: dict) -> list[str] | None:
+    """The BPE merges as llama.cpp stores them, "left right". tokenizer.json has them as such strings or
+    (since tokenizers 0.20) as [left, right] pairs; a space inside a part is written as chr(32 + 256),
+    as llama.cpp's converter does."""
+    merges = model.get("merges")
+    if not isinstance(merges, list) or not merges:
+        return None
+    if isinstance(merges[0], str):
+        return merges
+    if any(" " in a or " " in b for a, b in merges):
+        return [f"{a.translate(_SPACE)} {b.translate(_SPACE)}" for a, b in merges]
+    return [f"{a} {b}" for a, b in merges]
+
+
+_SPACE = {ord(" "): ord(" ") + 256}
 
 
 @dataclass
@@ -248,13 +363,23 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
     qtype = parse_types(qtype)[0]
     if qtype in LLAMA_QUANTIZE_TYPES:
         return _export_kquant(model_dir, out_path, qtype, verify, log, name)
+    with _gc_paused():
+        report, expected = _write(Path(model_dir), Path(out_path), qtype, log, name)
+    if verify:
+        report.check = verify_gguf(out_path, model_dir, qtype, expected=expected)
+        log(f"  {report.check}")
+    return report
+
+
+def _write(model_dir: Path, out_path: Path, qtype: str, log, name: str | None) -> tuple[GGUFReport, dict]:
+    """The file itself; also returns the tensor types it should hold, for the read-back check."""
     import gguf
     import numpy as np
 
-    from .merge import checkpoint_shards, iter_entries, one_torch_thread, read_header
+    from .gguf_writer import GGUFWriter
+    from .merge import checkpoint_shards, one_torch_thread, read_header
 
     t0 = time.perf_counter()
-    model_dir, out_path = Path(model_dir), Path(out_path)
     cfg = json.loads((model_dir / "config.json").read_text())
     hf_arch = (cfg.get("architectures") or ["?"])[0]
     if hf_arch not in ARCHS:
@@ -268,7 +393,7 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
     tied = bool(cfg.get("tie_word_embeddings", False))
     is_llama = ARCHS[hf_arch] == "LLAMA"
 
-    writer = gguf.GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
+    writer = GGUFWriter(None, gguf.MODEL_ARCH_NAMES[arch])
     extra = _rope_metadata(writer, gguf, cfg)
 
     # Pass 1, headers only: what goes into the file, with which type and size.
@@ -313,7 +438,7 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
     if is_llama:
         writer.add_vocab_size(cfg["vocab_size"])
         writer.add_rope_dimension_count(head_dim)
-    vocab_info = _vocab(writer, gguf, model_dir, cfg["vocab_size"], is_llama, log)
+    vocab_info = _vocab(writer, gguf, model_dir, cfg, is_llama, log)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
     # Pass 2: stream the tensors in plan order.
@@ -324,23 +449,27 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
+            buffers: dict = {}
             for gname, shard, t, shape, ttype in plan:  # extra tensors first, then shard by shard
                 if shard is None:
-                    writer.write_tensor_data(_convert(gguf, t, ttype))
+                    writer.write_tensor_pieces([_to_ggml(gguf, t, ttype, buffers)])
                     counts[ttype.name] = counts.get(ttype.name, 0) + 1
             for shard in dict.fromkeys(p[1] for p in plan if p[1] is not None):
                 wanted = {p[2]: p for p in plan if p[1] == shard}
-                for hf_name, _, read in iter_entries(shard):  # same file order as the plan
-                    if hf_name not in wanted:
-                        continue  # a tied lm_head or a rotary buffer: not even read
-                    gname, _, _, _, ttype = wanted[hf_name]
-                    t = read()
-                    if is_llama and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
-                        t = _permute(t, n_head)
-                    elif is_llama and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
-                        t = _permute(t, n_kv)
-                    writer.write_tensor_data(_convert(gguf, t, ttype))
-                    counts[ttype.name] = counts.get(ttype.name, 0) + 1
+                header, start = read_header(shard)
+                # ACCESS_COPY: a private mapping is writable, which torch.frombuffer wants; nothing writes to it
+                with open(shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as m:
+                    for hf_name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+                        if hf_name not in wanted:
+                            continue  # a tied lm_head or a rotary buffer: not even read
+                        ttype = wanted[hf_name][4]
+                        transform = None
+                        if is_llama and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+                            transform = partial(_permute, n_head=n_head)
+                        elif is_llama and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+                            transform = partial(_permute, n_head=n_kv)
+                        writer.write_tensor_pieces(_pieces(gguf, shard, m, start, entry, ttype, buffers, transform))
+                        counts[ttype.name] = counts.get(ttype.name, 0) + 1
             writer.close()
             os.replace(tmp, out_path)
         except BaseException:
@@ -350,10 +479,7 @@ def export(model_dir: Path, out_path: Path, qtype: str = "f16", verify: bool = T
     report = GGUFReport(out_path, qtype, len(plan), out_path.stat().st_size, time.perf_counter() - t0, counts)
     log(f"wrote {out_path.name}: {len(plan)} tensors {counts}, {report.bytes / 1e6:.0f} MB in {report.seconds:.1f}s"
         f" (pre-tokenizer {vocab_info['pre']})")
-    if verify:
-        report.check = verify_gguf(out_path, model_dir, qtype, expected={p[0]: p[4].name for p in plan})
-        log(f"  {report.check}")
-    return report
+    return report, {p[0]: p[4].name for p in plan}
 
 
 def _export_kquant(model_dir: Path, out_path: Path, qtype: str, verify: bool, log, name) -> GGUFReport:

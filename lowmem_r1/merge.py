@@ -49,12 +49,12 @@ PROBES = (
 # --------------------------------------------------------------------------------------------------
 # safetensors, one tensor at a time
 
-_ST_DTYPES = {  # safetensors dtype -> (torch dtype name, bytes per element)
+ST_DTYPES = {  # safetensors dtype -> (torch dtype name, bytes per element)
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
     "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1), "U8": ("uint8", 1),
     "BOOL": ("bool", 1), "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
 }
-_TORCH_TO_ST = {v[0]: k for k, v in _ST_DTYPES.items()}
+TORCH_TO_ST = {v[0]: k for k, v in ST_DTYPES.items()}
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -66,7 +66,7 @@ def read_header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
-def _read_rows(f, start: int, entry: dict, r0: int = 0, r1: int | None = None):
+def read_rows(f, start: int, entry: dict, r0: int = 0, r1: int | None = None):
     """Rows r0:r1 of one tensor (the whole tensor by default), read with one readinto."""
     import torch
 
@@ -77,7 +77,7 @@ def _read_rows(f, start: int, entry: dict, r0: int = 0, r1: int | None = None):
     buf = torch.empty((r1 - r0) * row_bytes, dtype=torch.uint8)
     f.seek(start + entry["data_offsets"][0] + r0 * row_bytes)
     f.readinto(memoryview(buf.numpy()))
-    t = buf.view(getattr(torch, _ST_DTYPES[entry["dtype"]][0]))
+    t = buf.view(getattr(torch, ST_DTYPES[entry["dtype"]][0]))
     return t.reshape([r1 - r0, *shape[1:]]) if shape else t.reshape(shape)
 
 
@@ -88,7 +88,7 @@ def iter_entries(path: Path):
     header, start = read_header(path)
     with open(path, "rb") as f:
         for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            yield name, entry, partial(_read_rows, f, start, entry)
+            yield name, entry, partial(read_rows, f, start, entry)
 
 
 def iter_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:  # noqa: F821
@@ -106,7 +106,7 @@ class ShardWriter:
         header, offset = {}, 0
         self.sizes = []
         for name, dtype, shape in plan:
-            size = _ST_DTYPES[dtype][1]
+            size = ST_DTYPES[dtype][1]
             for d in shape:
                 size *= d
             header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + size]}
@@ -377,7 +377,7 @@ def merge_weights(base_dir: Path, lora: Lora, out_dir: Path, dtype: str,
             )
 
     def out_dtype(entry_dtype: str) -> str:
-        return _TORCH_TO_ST[dtype] if entry_dtype in ("F32", "F16", "BF16", "F64") else entry_dtype
+        return TORCH_TO_ST[dtype] if entry_dtype in ("F32", "F16", "BF16", "F64") else entry_dtype
 
     with one_torch_thread():
         return _stream_merge(shards, headers, lora, out_dir, target, out_dtype, dtype, t0, log)

@@ -47,7 +47,7 @@ def _tiny(path: Path, model_type: str, tokenizer_from: Path, **kw) -> Path:
     torch.manual_seed(0)
     cfg = AutoConfig.for_model(model_type, vocab_size=320, hidden_size=64, intermediate_size=128,
                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                               initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=2, **kw)
+                               initializer_range=0.2, **{"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2, **kw})
     AutoModelForCausalLM.from_config(cfg).save_pretrained(path)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         shutil.copy(tokenizer_from / name, path / name)
@@ -124,6 +124,46 @@ def test_round_trip_through_transformers(model_type, extra, tiny_tokenizer, tmp_
     info = read_back(rep.path)
     assert info["arch"] == model_type and info["key_length"] == extra.get("head_dim", 16)
     assert info["n_tokens"] == 320 and info["eos"] == 2
+
+
+@pytest.mark.parametrize("qtype", ["f16", "bf16", "q8_0"])
+def test_row_chunks_give_the_bytes_of_whole_tensors(qtype, tiny_tokenizer, tmp_path, monkeypatch):
+    """Tensors are converted a few rows at a time; a chunk of one row must give the same file as one
+    chunk per tensor (the llama q/k permutation included)."""
+    import lowmem_r1.export_gguf as eg
+
+    model = _tiny(tmp_path / "llama", "llama", tiny_tokenizer, tie_word_embeddings=False)
+    files = []
+    for chunk in (1 << 30, 1):
+        monkeypatch.setattr(eg, "CHUNK_BYTES", chunk)
+        files.append(eg.export(model, tmp_path / f"{chunk}.gguf", qtype, verify=False, log=lambda s: None).path)
+    assert files[0].read_bytes() == files[1].read_bytes()
+
+
+def test_tokenizer_metadata_sources(tiny_tokenizer, tmp_path):
+    """Special ids fall back to config.json; tokenizer_config.json's chat template wins over the .jinja
+    file; named templates in additional_chat_templates/ are written beside the default."""
+    import gguf
+
+    from lowmem_r1.export_gguf import export
+
+    model = _tiny(tmp_path / "llama", "llama", tiny_tokenizer, pad_token_id=0)
+    tcfg = json.loads((model / "tokenizer_config.json").read_text())
+    del tcfg["pad_token"]
+    (model / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    (model / "additional_chat_templates").mkdir()
+    (model / "additional_chat_templates" / "tool_use.jinja").write_text("{{ tools }}")
+    r = gguf.GGUFReader(str(export(model, tmp_path / "a.gguf", "f32", verify=False, log=lambda s: None).path))
+    value = lambda key: r.get_field(key).contents() if r.get_field(key) else None  # noqa: E731
+    assert value("tokenizer.ggml.padding_token_id") == 0  # config.json's pad_token_id
+    assert value("tokenizer.ggml.eos_token_id") == 2 and value("tokenizer.ggml.bos_token_id") == 1
+    assert value("tokenizer.chat_template") == (model / "chat_template.jinja").read_text()
+    assert value("tokenizer.chat_template.tool_use") == "{{ tools }}"
+
+    tcfg["chat_template"] = "{{ messages }}"
+    (model / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    r = gguf.GGUFReader(str(export(model, tmp_path / "b.gguf", "f32", verify=False, log=lambda s: None).path))
+    assert r.get_field("tokenizer.chat_template").contents() == "{{ messages }}"
 
 
 def test_unknown_and_kquant_types(monkeypatch):
