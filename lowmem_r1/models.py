@@ -39,14 +39,35 @@ def is_hub_id(name: str) -> bool:
     )
 
 
+def check_name(name: str) -> None:
+    """Refuse a name that cannot resolve, without loading or converting anything: recipe validation
+    calls this, so a typo fails before a run directory is made."""
+    if name.startswith("builtin:"):
+        if name not in BUILTINS:
+            raise UserError(f"model {name!r}: unknown builtin alias; known: {', '.join(BUILTINS)}")
+        return
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" and not path.is_file():
+        raise UserError(f"model {name}: GGUF file not found; check the path")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise UserError(
+            f"model {name}: folder has no config.json; pass a Hugging Face model folder, a .gguf file, "
+            f"a hub id or {next(iter(BUILTINS))}"
+        )
+    if not path.exists() and not is_hub_id(name):
+        raise UserError(
+            f"model {name!r}: not a local folder, .gguf file, hub id (owner/name) or builtin alias; "
+            f"known aliases: {', '.join(BUILTINS)}"
+        )
+
+
 def resolve_model(name: str) -> str:
     """A local folder path or a hub id that transformers can load without further conversion."""
+    check_name(name)
     if name.startswith("builtin:"):
         return str(builtin_model_dir(name))
     path = Path(name).expanduser()
     if path.suffix == ".gguf":
-        if not path.is_file():
-            raise UserError(f"model {name}: GGUF file not found; check the path")
         for alias in BUILTINS:  # the embedded file itself: reuse the builtin's cached folder
             try:
                 if builtin_gguf_path(alias).resolve() == path.resolve():
@@ -54,19 +75,7 @@ def resolve_model(name: str) -> str:
             except UserError:
                 pass
         return str(gguf_to_folder(path))
-    if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
-            raise UserError(
-                f"model {name}: folder has no config.json; pass a Hugging Face model folder, a .gguf file, "
-                f"a hub id or {next(iter(BUILTINS))}"
-            )
-        return str(path)
-    if is_hub_id(name):
-        return name
-    raise UserError(
-        f"model {name!r}: not a local folder, .gguf file, hub id (owner/name) or builtin alias; "
-        f"known aliases: {', '.join(BUILTINS)}"
-    )
+    return str(path) if path.exists() else name
 
 
 def builtin_gguf_path(alias: str) -> Path:

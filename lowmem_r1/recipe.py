@@ -253,6 +253,12 @@ def recipe_from_dict(
         raise UserError(_one_line(e, source, raw)) from None
     except _Combination as e:  # raised directly when pydantic does not wrap it
         raise UserError(f"{source}: {e.key}: {e.message}") from None
+    from .models import check_name
+
+    try:
+        check_name(recipe.model.name)
+    except UserError as e:
+        raise UserError(f"{source}: model.name: {e}") from None
     if check_rewards:
         check_recipe_rewards(recipe, source)
     from .data import check_prompt

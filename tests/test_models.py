@@ -38,3 +38,13 @@ def test_names(tmp_path):
         resolve_model(str(tmp_path / "empty"))
     with pytest.raises(UserError, match="not a local folder"):
         resolve_model("no/such/thing/here")
+
+
+def test_bitsandbytes_kernel_hub_warning_is_silenced():
+    """peft imports bitsandbytes, whose CPU backend warns about a hub kernel it could not fetch."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", "import lowmem_r1, peft"], capture_output=True, text=True,
+                          check=True, timeout=300)
+    assert "kernels-community" not in proc.stderr

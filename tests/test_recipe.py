@@ -154,3 +154,22 @@ def test_generator_parameters_need_a_builtin_source(tmp_path):
     msg = err(tmp_path, '[data]\nsource = "x.jsonl"\ntask = "gsm8k"\ngenerator = { n = 5 }\n'
                         '[[rewards]]\nname = "answer_match"\n')
     assert "data.generator" in msg and "x.jsonl" in msg
+
+
+def test_model_name_that_cannot_resolve_fails_at_validation(tmp_path):
+    """A typo in model.name fails before any run directory is made; hub ids pass (checked at download)."""
+    rw = '[[rewards]]\nname = "answer_match"\n'
+    assert "model.name" in err(tmp_path, f'[model]\nname = "./no-such-model"\n{rw}')
+    assert "unknown builtin alias" in err(tmp_path, f'[model]\nname = "builtin:smollm3"\n{rw}')
+    assert "GGUF file not found" in err(tmp_path, f'[model]\nname = "x.gguf"\n{rw}')
+    (tmp_path / "folder").mkdir()
+    assert "no config.json" in err(tmp_path, f'[model]\nname = "{tmp_path / "folder"}"\n{rw}')
+    assert load_recipe(write(tmp_path, f'[model]\nname = "Qwen/Qwen2.5-3B-Instruct"\n{rw}')).model.name
+
+
+def test_cli_train_with_bad_model_leaves_no_run_dir(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "train", str(REPO / "recipes" / "demo.toml"),
+                           "--set", "model.name=./nope", "--set", f"output.dir={tmp_path / 'runs'}"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "model.name" in proc.stderr
+    assert not (tmp_path / "runs").exists()
