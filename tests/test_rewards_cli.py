@@ -26,7 +26,15 @@ def test_list_shows_every_reward():
     assert res.exit_code == 0, res.output
     for name in REGISTRY:
         assert name in res.output
-    assert "extract='auto'" in res.output and "nums" in res.output
+    assert "extract='auto'" in res.output and "columns: nums, target" in res.output
+
+
+def test_list_keeps_descriptions_readable_at_80_columns():
+    res = runner.invoke(app, ["rewards", "list"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0, res.output
+    assert max(len(line) for line in res.output.splitlines()) <= 80
+    row = next(line for line in res.output.splitlines() if "answer_match" in line)
+    assert "1 if the extracted answer" in row  # the description column is not squeezed to a few letters
 
 
 def test_score_text_with_column_override():

@@ -17,7 +17,7 @@ from .registry import REGISTRY, REQUIRED, RewardSpec, build, check
 
 
 def reward_table():
-    """`lowmem-r1 rewards list`: name, parameters with defaults, dataset columns, full marks, description."""
+    """`lowmem-r1 rewards list`: name, dataset columns, full marks, parameters with defaults, description."""
     from rich.markup import escape
     from rich.table import Table
 
@@ -26,10 +26,10 @@ def reward_table():
         show_lines=True,
         expand=True,
     )
-    table.add_column("name", no_wrap=True)
+    # Name, columns and full marks share the first column so the description keeps its width on an
+    # 80-column terminal (or a pipe, which rich treats as one).
+    table.add_column("reward", no_wrap=True)
     table.add_column("parameters (defaults)", no_wrap=True)
-    table.add_column("columns", no_wrap=True)
-    table.add_column("full", justify="right", no_wrap=True)
     table.add_column("what it scores", ratio=1)
     for name in sorted(REGISTRY):
         spec = REGISTRY[name]
@@ -37,13 +37,12 @@ def reward_table():
             f"{k}={'<required>' if v is REQUIRED else repr(v)}" for k, v in spec.params.items()
         )
         best = spec.full_marks()
-        table.add_row(
-            name,
-            escape(params) or "-",
-            "\n".join(spec.columns) or "-",
-            "-" if best is None else f"{best:g}",
-            escape(spec.description),
-        )
+        about = [f"[bold]{name}[/bold]"]
+        if spec.columns:
+            about.append(f"[dim]columns:[/dim] {', '.join(spec.columns)}")
+        if best is not None:
+            about.append(f"[dim]full marks:[/dim] {best:g}")
+        table.add_row("\n".join(about), escape(params) or "-", escape(spec.description))
     return table
 
 
