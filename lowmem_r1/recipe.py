@@ -81,9 +81,10 @@ class PromptSection(Section):
     """Template with {field} placeholders; default: the task's own."""
     assistant_prefix: str = ""
     """Text the assistant turn starts with (e.g. "Let me solve this step by step.\\n<think>")."""
-    answer_format: Literal["auto", "r1", "xml", "boxed", "plain"] = "auto"
+    answer_format: Literal["auto", "r1", "xml", "boxed", "think_boxed", "plain"] = "auto"
     """How a correct completion writes its answer (gold answers, `data preview`); auto: from the system
-    preset, else from the tags or \\boxed the prompt mentions."""
+    preset, else from the tags or \\boxed the prompt mentions. think_boxed: R1-distilled models' form,
+    <think>...</think> then a \\boxed{} answer."""
 
 
 class RewardEntry(BaseModel):

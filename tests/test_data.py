@@ -61,19 +61,21 @@ CORRECTNESS = {  # format preset -> the correctness reward that judges it
     "r1": ("answer_match", {"extract": "tag"}),
     "xml": ("answer_match", {"extract": "tag"}),
     "boxed": ("boxed_match", {}),
+    "think_boxed": ("boxed_match", {}),
     "plain": ("answer_match", {"extract": "last_number"}),
 }
-FORMAT_REWARDS = {"r1": ["think_format"], "xml": ["xml_strict_format", "xml_soft_format"], "boxed": [], "plain": []}
+FORMAT_REWARDS = {"r1": [("think_format", {})], "xml": [("xml_strict_format", {}), ("xml_soft_format", {})],
+                  "boxed": [("boxed_format", {"think": False})], "think_boxed": [("boxed_format", {})], "plain": []}
 
 
-@pytest.mark.parametrize("preset", ["r1", "xml", "boxed", "plain"])
+@pytest.mark.parametrize("preset", ["r1", "xml", "boxed", "think_boxed", "plain"])
 def test_gold_answer_in_each_format_gets_full_marks(gsm8k_test, preset):
-    system = preset if preset != "plain" else "none"
+    system = preset if preset in ("r1", "xml", "boxed") else "none"
     r = make({"task": "gsm8k"}, {"system": system, "answer_format": preset})
     assert answer_format(r.prompt) == preset
     name, params = CORRECTNESS[preset]
     correct, auto = build(name, **params), build("answer_match", extract="auto")
-    formats = [build(f) for f in FORMAT_REWARDS[preset]]
+    formats = [build(f, **p) for f, p in FORMAT_REWARDS[preset]]
     rows = list(gsm8k_test)
     golds = [gold_completion(row, r) for row in rows]
     prompts = [row["prompt"] for row in rows]

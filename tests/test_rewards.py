@@ -584,3 +584,20 @@ def test_slow_gold_is_not_applicable_for_its_batch_only(monkeypatch):
     assert time.perf_counter() - t < 1.0  # one gold timeout per batch, not one per completion
     slow["on"] = False  # the machine is idle again: the next batch parses the gold
     assert f(completions=["\\boxed{2}", "\\boxed{3}"], solution=["$2$"] * 2) == [1.0, 0.0]
+
+
+def test_boxed_format_r1_distilled_shape():
+    """The R1-distill chat template opens <think> in the prompt: the completion only closes it."""
+    texts = [
+        "Compute 3 + 5 = 8.\n</think>\n\nSo the answer is $\\boxed{8}$.",  # prompt opened <think>
+        "<think>\nadd\n</think>\n\\boxed{8}",  # opened in the completion
+        "add them \\boxed{8}",  # never closes its reasoning
+        "</think>\n\\boxed{}",  # empty box
+        "</think> \\boxed{7} or \\boxed{8}",  # two answers
+        "</think> \\boxed{8} </think>",  # two closings
+        "\\boxed{8} <think> x </think>",  # the answer is inside/before the reasoning
+        "<think> a </think> <think> b </think> \\boxed{8}",
+    ]
+    assert score("boxed_format", texts) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    anywhere = ["\\boxed{8}", "none", "\\boxed{1}, \\boxed{2}", "\\boxed{ }"]
+    assert score("boxed_format", anywhere, params={"think": False}) == [1.0, 0.0, 0.0, 0.0]

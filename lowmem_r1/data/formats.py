@@ -28,7 +28,7 @@ SYSTEM_PRESETS: dict[str, str] = {
     "boxed": "Please reason step by step, and put your final answer within \\boxed{}.",
     "none": "",
 }
-FORMATS = ("r1", "xml", "boxed", "plain")
+FORMATS = ("r1", "xml", "boxed", "think_boxed", "plain")
 
 
 def system_text(system: str) -> str:
@@ -111,6 +111,8 @@ def write_answer(fmt: str, reasoning: str, answer: str) -> str:
         return f"<reasoning>\n{reasoning}\n</reasoning>\n<answer>\n{answer}\n</answer>\n"
     if fmt == "boxed":
         return f"{reasoning}\n\nThe final answer is $\\boxed{{{answer}}}$."
+    if fmt == "think_boxed":  # R1-distilled models: the thinking, then a clean written solution, boxed
+        return f"<think>\n{reasoning}\n</think>\n\n{reasoning}\n\nThe final answer is $\\boxed{{{answer}}}$."
     if fmt == "plain":
         return f"{reasoning}\nThe answer is {answer}."
     raise ValueError(f"unknown answer format {fmt!r}")

@@ -1,14 +1,15 @@
 """Format rewards: does the completion have the shape the recipe asked for?
 
 `think_format` is the R1-Zero form (<think>..</think><answer>..</answer>, countdown and NuminaMath seeds);
-the `xml_*` rewards are the <reasoning>/<answer> family of the GSM8K GRPO recipes. Shapes are checked with
-str methods (startswith, count, find: linear, C speed) instead of a whole-string regex with lazy `.*?`
-groups, which backtracks quadratically on texts full of tags.
+`boxed_format` the R1-distilled one (</think>, then one \boxed{} answer); the `xml_*` rewards are the
+<reasoning>/<answer> family of the GSM8K GRPO recipes. Shapes are checked with str methods (startswith,
+count, find: linear, C speed) instead of a whole-string regex with lazy `.*?` groups, which backtracks
+quadratically on texts full of tags.
 """
 
 from __future__ import annotations
 
-from .extract import batch
+from .extract import batch, last_boxed
 from .registry import register
 
 
@@ -137,5 +138,37 @@ def xml_count():
     def reward(prompts=None, completions=None, **kwargs):
         texts, prefixes = batch(prompts, completions)
         return [_count_xml(p + t if p else t) for t, p in zip(texts, prefixes)]
+
+    return reward
+
+
+def _boxed_shape(text: str, think: bool) -> bool:
+    """One non-empty \\boxed{} as the final answer; with `think`, after a closed reasoning block. The
+    opening <think> may be absent: R1-distilled chat templates put it in the prompt."""
+    if think:
+        close = text.find("</think>")
+        if close < 0 or text.count("</think>") != 1 or text.count("<think>") > 1:
+            return False
+        opened = text.find("<think>")
+        if opened > close:
+            return False
+        text = text[close + len("</think>"):]
+    return text.count("\\boxed") == 1 and last_boxed(text) is not None
+
+
+@register(
+    "boxed_format",
+    "1 if the completion ends its reasoning with </think> (the opening <think> may be in the prompt, as "
+    "R1-distilled chat templates put it) and then gives exactly one non-empty \\boxed{} answer. "
+    "think=false: exactly one non-empty \\boxed{} anywhere. Scores shape, not correctness (boxed_match).",
+    best=1.0,
+    think=True,
+)
+def boxed_format(think: bool = True):
+    think = bool(think)
+
+    def reward(prompts=None, completions=None, **kwargs):
+        texts, prefixes = batch(prompts, completions)
+        return [1.0 if _boxed_shape(p + t if p else t, think) else 0.0 for t, p in zip(texts, prefixes)]
 
     return reward
