@@ -205,13 +205,15 @@ def merge(
 ) -> None:
     """Merge a LoRA adapter into its 16-bit base (verified against peft), optionally export GGUF + Modelfile."""
     from .merge import merge as run_merge
+    from .ollama import model_name
 
     result = run_merge(target, base=base, out=out, dtype=dtype, gguf=gguf, ollama=ollama, force=force)
     print(f"merged model: {result.out}")
     for g in result.ggufs:
         print(f"GGUF: {g.path}  (llama.cpp: llama-cli -m {g.path} --jinja)")
     if result.modelfile:
-        print(f"Ollama: cd {result.out} && ollama create my-model -f Modelfile && ollama run my-model")
+        name = model_name(result.out)
+        print(f"Ollama: cd {result.out} && ollama create {name} -f Modelfile && ollama run {name}")
 
 
 # --- chat / eval / report ---------------------------------------------------------------------------

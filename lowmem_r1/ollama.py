@@ -89,3 +89,13 @@ def write_modelfile(model_dir: Path, gguf_name: str) -> Path:
     path = Path(model_dir) / "Modelfile"
     atomic_write_text(path, modelfile_text(Path(model_dir), gguf_name))
     return path
+
+
+def model_name(out: Path) -> str:
+    """A name for `ollama create`: the run's name for RUN_DIR/merged, else the folder's, in the
+    characters Ollama accepts (lower-case letters, digits, . _ -)."""
+    import re
+
+    out = Path(out).resolve()
+    folder = out.parent.name if out.name == "merged" else out.name
+    return re.sub(r"[^a-z0-9._-]+", "-", folder.lower()).strip("-._") or "my-model"

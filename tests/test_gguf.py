@@ -249,3 +249,11 @@ def test_tensors_identical_to_llama_cpp_converter(base_model_dir, tmp_path, qtyp
     assert [(t.name, t.tensor_type, tuple(t.shape)) for t in a.tensors] == \
         [(t.name, t.tensor_type, tuple(t.shape)) for t in b.tensors]
     assert all(np.array_equal(np.asarray(x.data), np.asarray(y.data)) for x, y in zip(a.tensors, b.tensors))
+
+
+def test_ollama_model_name_from_the_run(tmp_path):
+    from lowmem_r1.ollama import model_name
+
+    assert model_name(tmp_path / "runs" / "demo" / "merged") == "demo"
+    assert model_name(tmp_path / "My Model v2") == "my-model-v2"
+    assert model_name(tmp_path / "日本") == "my-model"
