@@ -7,7 +7,7 @@ on (its recipe's system prompt and assistant prefix), so what you see is what th
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -97,25 +97,27 @@ class Conversation:
         text += self.assistant_prefix
         return self.gen.encode(text), _opens_reasoning(self.assistant_prefix)
 
-    def reply(self, user: str, sampling: Sampling) -> Iterator[tuple[bool, str]]:
-        """Stream (is_reasoning, text) pieces of the answer to `user`, then remember the turn."""
+    def reply(self, user: str, sampling: Sampling, on_piece: Callable[[bool, str], None]) -> None:
+        """Answer `user`, calling on_piece(is_reasoning, text) as the text streams in, then remember the
+        turn (not when interrupted: the next turn starts from the last complete one)."""
         ids, in_reasoning = self.prompt_ids(user)
         splitter = ReasoningSplitter(in_reasoning)
         answer: list[str] = []
-        for piece in self.gen.stream(ids, sampling):
-            for is_reasoning, text in splitter.feed(piece):
+
+        def route(pieces):
+            for is_reasoning, text in pieces:
                 if not is_reasoning:
                     answer.append(text)
-                yield is_reasoning, text
-        for is_reasoning, text in splitter.flush():
-            if not is_reasoning:
-                answer.append(text)
-            yield is_reasoning, text
+                on_piece(is_reasoning, text)
+
+        self.gen.stream(ids, sampling, lambda piece: route(splitter.feed(piece)))
+        route(splitter.flush())
         self.history += [{"role": "user", "content": user},
                          {"role": "assistant", "content": "".join(answer).strip()}]
 
     def reply_text(self, user: str, sampling: Sampling) -> tuple[str, str]:
-        parts = list(self.reply(user, sampling))
+        parts: list[tuple[bool, str]] = []
+        self.reply(user, sampling, lambda is_reasoning, text: parts.append((is_reasoning, text)))
         return ("".join(t for r, t in parts if r).strip(), "".join(t for r, t in parts if not r).strip())
 
     def reset(self) -> None:
@@ -195,21 +197,25 @@ def _one_shot(conv: Conversation, prompt: str, opts: ChatOptions, stdout: IO[str
     from rich.text import Text
 
     wrote, reasoned = "", False
-    for is_reasoning, text in conv.reply(prompt, opts.sampling):
+
+    def show(is_reasoning: bool, text: str) -> None:
+        nonlocal wrote, reasoned
         if is_reasoning:
             if opts.think and (reasoned or text.strip()):
                 err.print(Text(text if reasoned else text.lstrip(), style="dim"), end="")
                 reasoned = True
-            continue
+            return
         if not wrote:
             text = text.lstrip()
             if not text:
-                continue
+                return
             if reasoned:
                 err.print()
         wrote += text
         stdout.write(text)
         stdout.flush()
+
+    conv.reply(prompt, opts.sampling, show)
     if not wrote.endswith("\n"):
         stdout.write("\n")
     stdout.flush()
@@ -265,24 +271,28 @@ def _stream_turn(console, conv: Conversation, user: str, opts: ChatOptions) -> N
 
     state = None  # what was printed last: reasoning or answer
     hidden = 0
-    for is_reasoning, text in conv.reply(user, opts.sampling):
+
+    def show(is_reasoning: bool, text: str) -> None:
+        nonlocal state, hidden
         if is_reasoning and not opts.think:
             hidden += len(text)
-            continue
+            return
         if state is None:
             text = text.lstrip()
             if not text:
-                continue
+                return
             console.print(Text("thinking: " if is_reasoning else "", style="dim italic"), end="")
         elif state != is_reasoning:
             text = text.lstrip()
             if not text:
-                continue
+                return
             console.print()  # the answer starts on its own line, apart from the reasoning
             if is_reasoning:
                 console.print(Text("thinking: ", style="dim italic"), end="")
         console.print(Text(text, style="dim" if is_reasoning else "bold"), end="")
         state = is_reasoning
+
+    conv.reply(user, opts.sampling, show)
     console.print()
     if hidden:
         console.print(Text(f"(reasoning hidden: {hidden} characters; /think on to show)", style="dim"))

@@ -12,8 +12,7 @@ from __future__ import annotations
 import gc
 import importlib.util
 import json
-import threading
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -191,54 +190,37 @@ class Generator:
         done = [self._completion(row) for row in new]
         return [done[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def stream(self, prompt: list[int], sampling: Sampling) -> Iterator[str]:
-        """Text pieces as they are generated (transformers' TextIteratorStreamer, generation in a thread)."""
+    def stream(self, prompt: list[int], sampling: Sampling, on_text: Callable[[str], None]) -> Completion:
+        """Generate one completion, calling `on_text` with each piece of text as soon as it decodes to
+        whole characters; returns the completion.
+
+        Generation runs in the calling thread, not a helper thread with a queue: torch's OpenMP runtime
+        gives every thread that computes its own team of workers, and once two teams exist on a machine
+        with no spare cores, libgomp stops spin-waiting at its barriers - decoding ran 2x slower on 2 cores,
+        and stayed slow in the main thread afterwards. Ctrl-C raises KeyboardInterrupt out of generate."""
         import torch
-        from transformers import TextIteratorStreamer
+        from transformers import TextStreamer
 
         if self.engine == "vllm":  # not reached through select_engine(streaming=True); kept total anyway
-            yield self.generate([prompt], sampling)[0][0].text
-            return
-        streamer = TextIteratorStreamer(
-            self.tokenizer, skip_prompt=True, skip_special_tokens=True, clean_up_tokenization_spaces=False
-        )
+            completion = self.generate([prompt], sampling)[0][0]
+            on_text(completion.text)
+            return completion
+
+        class Streamer(TextStreamer):  # transformers' incremental decoding; the text goes to on_text
+            def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+                if text:
+                    on_text(text)
+
+        streamer = Streamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True,
+                            clean_up_tokenization_spaces=False)
         inputs = self._left_pad([prompt])
-        kwargs = self._hf_kwargs(sampling)
         if sampling.seed is not None:
             torch.manual_seed(sampling.seed)
-        failure: list[BaseException] = []
-        stop = threading.Event()  # set when the reader stops early (Ctrl-C): generation ends at the next token
-
-        def run():
-            from transformers import StoppingCriteria, StoppingCriteriaList
-
-            class Stop(StoppingCriteria):
-                def __call__(self, input_ids, scores, **kw):
-                    return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
-
-            try:
-                with torch.inference_mode():
-                    self.extra["last_output"] = self.model.generate(
-                        **inputs, **kwargs, streamer=streamer, stopping_criteria=StoppingCriteriaList([Stop()])
-                    )
-            except BaseException as e:  # noqa: BLE001  (re-raised in the caller's thread below)
-                failure.append(e)
-                streamer.end()
-
-        thread = threading.Thread(target=run, daemon=True)
-        thread.start()
-        try:
-            for piece in streamer:
-                if piece:
-                    yield piece
-        finally:
-            stop.set()
-            thread.join()
-        if failure:
-            raise failure[0]
-        out = self.extra.pop("last_output", None)
-        if out is not None:
-            self.extra["last_completion"] = self._completion(out[0, inputs["input_ids"].shape[1]:].tolist())
+        with torch.inference_mode():
+            out = self.model.generate(**inputs, **self._hf_kwargs(sampling), streamer=streamer)
+        completion = self._completion(out[0, inputs["input_ids"].shape[1]:].tolist())
+        self.extra["last_completion"] = completion
+        return completion
 
     def _left_pad(self, prompts: list[list[int]]) -> dict:
         import torch

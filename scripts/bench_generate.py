@@ -7,9 +7,10 @@ Both sides decode greedily, so they produce the same tokens (checked); the order
 so that load from other processes hits both alike; the best of the repeats is compared (medians in
 brackets). Model loading is excluded: it is the same code on both sides.
 
-`chat` streams from a generation thread, as transformers' TextIteratorStreamer requires. On an
-oversubscribed CPU a generate call in that thread ran 30x faster than in the main thread (OpenMP
-spin-waits), which flatters `chat`; run with OMP_NUM_THREADS=1 there to measure our overhead alone.
+`chat` streams from the calling thread (a callback streamer): an earlier version generated in a helper
+thread behind transformers' TextIteratorStreamer, and this benchmark caught it at 0.57x on an idle
+2-core machine - a second thread computing gives torch's OpenMP runtime a second worker team, and libgomp
+then stops spin-waiting at its barriers.
 """
 
 from __future__ import annotations

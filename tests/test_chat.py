@@ -103,9 +103,10 @@ class ScriptedGenerator:
         self.prompts.append(prompt)
         return [0]
 
-    def stream(self, ids, sampling):
+    def stream(self, ids, sampling, on_text):
         n = len(self.prompts)
-        yield from ["<thi", f"nk>step {n}</think>", f"answer {n}"]
+        for piece in ["<thi", f"nk>step {n}</think>", f"answer {n}"]:
+            on_text(piece)
 
 
 def test_repl_commands_from_a_script():
@@ -169,9 +170,10 @@ def test_one_shot_streams_the_same_text_as_batch_generation(lora_run_dir):
     gen = load_generator(resolve_ref(lora_run_dir), "hf")
     ids, _ = Conversation(gen).prompt_ids("Name a colour.")
     batch = gen.generate([ids], GREEDY)[0][0]
-    streamed = "".join(gen.stream(ids, GREEDY))
-    assert streamed == batch.text
-    assert gen.extra["last_completion"].tokens == batch.tokens
+    pieces: list[str] = []
+    completion = gen.stream(ids, GREEDY, pieces.append)
+    assert len(pieces) > 1 and "".join(pieces) == batch.text
+    assert completion.tokens == batch.tokens == gen.extra["last_completion"].tokens
 
 
 @pytest.fixture(scope="module")
@@ -243,10 +245,19 @@ def test_cli_errors_are_one_line(tmp_path):
         resolve_ref(None, root=empty)
 
 
-def test_closing_a_stream_stops_generation(base_gen):
-    """Ctrl-C (the reader stops early) ends generation instead of leaving a thread generating."""
+def test_ctrl_c_while_streaming_stops_generation_in_this_thread(base_gen):
+    """Generation runs in the caller's thread (no helper thread left generating after Ctrl-C): a
+    KeyboardInterrupt raised while a piece is shown ends generate itself."""
+    import threading
+
     ids = base_gen.encode([{"role": "user", "content": "Write a long story about a cat."}])
-    stream = base_gen.stream(ids, Sampling(temperature=0.0, max_new_tokens=64))
-    next(stream)
-    stream.close()  # what a KeyboardInterrupt in the reader does to the generator
-    assert base_gen.extra["last_output"].shape[1] - len(ids) < 64
+    pieces, threads = [], threading.active_count()
+
+    def show(text):
+        pieces.append(text)
+        if len(pieces) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        base_gen.stream(ids, Sampling(temperature=0.0, max_new_tokens=64), show)
+    assert len(pieces) == 3 and threading.active_count() == threads
