@@ -9,7 +9,7 @@ Goals (issue 6): merge peak RSS <= 1.5x the 16-bit model size; GGUF F16 no slowe
 Peak RSS (VmHWM) includes the interpreter with torch imported; "above imports" subtracts that floor.
 BENCH_THREADS=1 pins torch to one thread in every case (useful on a busy shared machine).
 
-    python scripts/bench_export.py [--repeat 2] [--json out.json]
+    python scripts/bench_export.py [--repeat 2] [--json out.json] [--model DIR]
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=2, help="runs per case; the fastest is kept")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--model", default="builtin:smollm2-135m-instruct",
+                    help="a model name or folder with one model.safetensors (default: the embedded model)")
     opts = ap.parse_args()
 
     import torch
@@ -110,7 +112,7 @@ def main() -> None:
 
     from lowmem_r1.models import resolve_model
 
-    base = Path(resolve_model("builtin:smollm2-135m-instruct"))
+    base = Path(resolve_model(opts.model))
     disk = (base / "model.safetensors").stat().st_size
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -134,7 +136,7 @@ def main() -> None:
 
     base_t = results["torch.load+save (fp32)"]
     copy_t = results["safetensors copy (fp32)"]
-    print(f"SmolLM2-135M: {n_params / 1e6:.1f}M params, {disk / 1e6:.0f} MB on disk (fp32), "
+    print(f"{opts.model}: {n_params / 1e6:.1f}M params, {disk / 1e6:.0f} MB on disk (fp32), "
           f"16-bit size {size16 / 1e6:.0f} MB; torch {torch.__version__}, {os.cpu_count()} CPUs, "
           f"best of {opts.repeat}")
     print(f"{'case':28} {'time s':>7} {'x load+save':>11} {'x st copy':>9} {'peak RSS MB':>11} "
