@@ -21,7 +21,6 @@ def _check_mode(extract: str) -> str:
     '1 if the extracted answer is an integer ("42", "-7", "1,000"); GSM8K GRPO int reward (the seed '
     "scores it 0.5: use weight = 0.5). extract: auto | tag | boxed | last_number.",
     best=1.0,
-    extract="tag",
 )
 def integer_answer(extract: str = "tag"):
     extract = _check_mode(extract)
@@ -44,7 +43,6 @@ def integer_answer(extract: str = "tag"):
     "last_number.",
     columns=("answer",),
     best=1.0,
-    extract="auto",
 )
 def answer_match(extract: str = "auto"):
     extract = _check_mode(extract)
@@ -94,7 +92,6 @@ def after_think(text: str) -> str:
     "`solution` column; texts longer than max_chars are cut to it first.",
     columns=("solution",),
     best=None,
-    max_chars=20000,
 )
 def levenshtein(max_chars: int = 20000):
     max_chars = int(max_chars)

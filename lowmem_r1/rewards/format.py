@@ -47,7 +47,6 @@ def _lines(s: str, start: int, end: int) -> bool:
     "in an opened <think> (assistant prefix) counts as part of the completion. newlines=true demands each "
     "tag on its own line (open-r1 NuminaMath form).",
     best=1.0,
-    newlines=False,
 )
 def think_format(newlines: bool = False):
     newlines = bool(newlines)
@@ -162,7 +161,6 @@ def _boxed_shape(text: str, think: bool) -> bool:
     "R1-distilled chat templates put it) and then gives exactly one non-empty \\boxed{} answer. "
     "think=false: exactly one non-empty \\boxed{} anywhere. Scores shape, not correctness (boxed_match).",
     best=1.0,
-    think=True,
 )
 def boxed_format(think: bool = True):
     think = bool(think)

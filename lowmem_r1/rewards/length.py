@@ -16,12 +16,6 @@ from .registry import register
     "max_len. Correctness by math-verify against `solution`; length in characters, capped at max_len.",
     columns=("solution",),
     best=None,
-    min_value_wrong=-1.0,
-    max_value_wrong=-0.5,
-    min_value_correct=0.5,
-    max_value_correct=1.0,
-    max_len=1000,
-    timeout=0.5,
 )
 def cosine_length(
     min_value_wrong=-1.0,
@@ -61,8 +55,6 @@ def cosine_length(
     "DAPO soft overlong punishment: 0 up to max_length - cache_length, then linearly down to -1 at "
     "max_length, -1 beyond. Tokens when TRL passes completion_ids, else characters.",
     best=None,
-    max_length=1024,
-    cache_length=256,
 )
 def overlong_penalty(max_length=1024, cache_length=256):
     max_length, cache_length = int(max_length), int(cache_length)
@@ -91,8 +83,6 @@ def overlong_penalty(max_length=1024, cache_length=256):
     "1 - length/max_chars clipped to [0, 1]; with max_tokens set and completion_ids passed by TRL, "
     "1 - tokens/max_tokens instead. A reward a tiny model can move (the CPU demo).",
     best=None,
-    max_chars=80,
-    max_tokens=None,
 )
 def brevity(max_chars=80, max_tokens=None):
     max_chars = int(max_chars)

@@ -285,7 +285,6 @@ def _timeout(value: Any) -> float:
     "per completion.",
     columns=("solution",),
     best=1.0,
-    timeout=0.5,
 )
 def math_accuracy(timeout: float = 0.5):
     timeout = _timeout(timeout)

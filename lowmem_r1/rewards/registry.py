@@ -47,12 +47,17 @@ class RewardSpec:
 REGISTRY: dict[str, RewardSpec] = {}
 
 
-def register(name: str, description: str, columns: tuple[str, ...] = (), best: Any = None, **params: Any):
+def register(name: str, description: str, columns: tuple[str, ...] = (), best: Any = None):
     """Decorator for a factory `(**params) -> reward function`; the function is named after the reward
-    so TRL logs it as rewards/<name>/mean."""
+    so TRL logs it as rewards/<name>/mean. The reward's parameters and defaults are the factory's own
+    (a parameter without a default is REQUIRED)."""
 
     def deco(factory: Callable[..., RewardFunc]) -> Callable[..., RewardFunc]:
-        REGISTRY[name] = RewardSpec(name, description, factory, dict(params), tuple(columns), best)
+        params = {
+            p.name: REQUIRED if p.default is inspect.Parameter.empty else p.default
+            for p in inspect.signature(factory).parameters.values()
+        }
+        REGISTRY[name] = RewardSpec(name, description, factory, params, tuple(columns), best)
         return factory
 
     return deco

@@ -41,8 +41,6 @@ def reasoning_steps():
     "N-gram repetition penalty (open-r1, Appendix C.2 of arXiv:2502.03373): (1 - distinct/total n-grams of "
     "lower-cased words) * max_penalty; 0 for texts shorter than ngram_size words.",
     best=None,
-    ngram_size=3,
-    max_penalty=-1.0,
 )
 def repetition_penalty(ngram_size=3, max_penalty=-1.0):
     ngram_size, max_penalty = int(ngram_size), float(max_penalty)
@@ -113,7 +111,6 @@ def _reasoning(text: str) -> str:
     "template; or latin, cjk, hangul, cyrillic, arabic, devanagari, greek). "
     "1 = no language mixing; texts without words score 1.",
     best=1.0,
-    language="auto",
 )
 def language_consistency(language="auto"):
     if language != "auto" and language not in _SCRIPTS:
