@@ -104,11 +104,22 @@ def build(name: str, **params: Any) -> RewardFunc:
     return func
 
 
+_USER_REWARDS: dict[str, RewardFunc] = {}
+
+
 def load_user_reward(ref: str) -> RewardFunc:
-    """Load `package.module:function` or `path/to/file.py:function`."""
+    """Load `package.module:function` or `path/to/file.py:function`, once per process: validation,
+    `build` and the trainer all ask for it, and a user's file may do work when imported."""
     target, _, attr = ref.rpartition(":")
     if not target or not attr:
         raise UserError(f"reward {ref!r}: expected module:function or path/to/file.py:function")
+    key = f"{Path(target).resolve()}:{attr}" if target.endswith(".py") else ref
+    if key not in _USER_REWARDS:
+        _USER_REWARDS[key] = _import_user_reward(ref, target, attr)
+    return _USER_REWARDS[key]
+
+
+def _import_user_reward(ref: str, target: str, attr: str) -> RewardFunc:
     if target.endswith(".py"):
         path = Path(target)
         if not path.is_file():
