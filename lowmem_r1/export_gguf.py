@@ -574,9 +574,12 @@ def _verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None,
         problems.append(f"tensors differ (missing {sorted(missing)[:3]}, wrong type {sorted(wrong)[:3]})")
     if cfg.get("tie_word_embeddings") and "output.weight" in info["tensors"]:
         problems.append("output.weight written although the embeddings are tied")
-    tpl_file = model_dir / "chat_template.jinja"
-    if tpl_file.is_file() and info["chat_template"] != tpl_file.read_text():
-        problems.append("tokenizer.chat_template differs from chat_template.jinja")
+    tcfg_file = model_dir / "tokenizer_config.json"
+    template = _chat_template(model_dir, json.loads(tcfg_file.read_text(encoding="utf-8")) if tcfg_file.is_file() else {})
+    if isinstance(template, list):  # named templates: the default one is tokenizer.chat_template
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    if template is not None and info["chat_template"] != template:
+        problems.append("tokenizer.chat_template differs from the model's chat template")
     if info["n_tokens"] != cfg["vocab_size"]:
         problems.append(f"{info['n_tokens']} tokens, config vocab_size {cfg['vocab_size']}")
     if problems:

@@ -164,6 +164,12 @@ def test_tokenizer_metadata_sources(tiny_tokenizer, tmp_path):
     (model / "tokenizer_config.json").write_text(json.dumps(tcfg))
     r = gguf.GGUFReader(str(export(model, tmp_path / "b.gguf", "f32", verify=False, log=lambda s: None).path))
     assert r.get_field("tokenizer.chat_template").contents() == "{{ messages }}"
+    from lowmem_r1.export_gguf import read_back, verify_gguf  # the check expects what was written
+
+    with pytest.raises(UserError, match="chat_template differs"):
+        verify_gguf(tmp_path / "a.gguf", model, "f32")
+    assert "tensors read back" in verify_gguf(tmp_path / "b.gguf", model, "f32")
+    assert read_back(tmp_path / "b.gguf")["chat_template"] == "{{ messages }}"
 
 
 def test_unknown_and_kquant_types(monkeypatch):
