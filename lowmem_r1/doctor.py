@@ -128,6 +128,7 @@ def torch_checks() -> tuple[list[Check], bool]:
 
 def disk_checks(recipe) -> list[Check]:
     from .fsutil import free_bytes
+    from .rundir import disk_needed
 
     run = recipe.run_dir() if recipe is not None else Path("runs")
     free = free_bytes(run)
@@ -141,8 +142,7 @@ def disk_checks(recipe) -> list[Check]:
         return [Check("disk", f"{free / 1e9:.1f} GB free at {run}; sizes unknown ({e})", WARN)]
     params = shape.params()
     lora = _lora_params(recipe, shape)
-    keep = (recipe.training.save_total_limit or 1) + 1
-    run_need = lora * 12 * keep + lora * 4 + 50e6  # checkpoints: adapter + AdamW moments
+    run_need, _ = disk_needed(lora, recipe.training)
     export_need = params * 2 * 2  # merged 16-bit safetensors + an f16 GGUF of the same size
     out = []
     for what, need in (("disk for the run", run_need), ("disk for export (merge + GGUF)", run_need + export_need)):

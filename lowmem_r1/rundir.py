@@ -65,7 +65,7 @@ class RunDir:
         if not self.checkpoints.is_dir():
             return []
         found = [p for p in self.checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-        return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+        return sorted(found, key=checkpoint_step)
 
     def latest_adapter(self) -> Path:
         """The final adapter, or else the newest checkpoint's (for a run that is still going)."""
@@ -94,8 +94,21 @@ def read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def disk_needed(trainable: int, training) -> tuple[int, int]:
+    """(bytes, checkpoints kept) a run needs on disk: each checkpoint holds the adapter and AdamW's two
+    moments (about 3 x 4 bytes per trainable parameter), the final adapter 4 bytes, logs ~50 MB. One more
+    checkpoint than save_total_limit exists while the newest is being written."""
+    keep = (training.save_total_limit or max(1, training.max_steps // training.save_steps)) + 1
+    return int(trainable * 12 * keep + trainable * 4 + 50_000_000), keep
+
+
+def checkpoint_step(checkpoint: Path | None) -> int:
+    """The global step of checkpoints/checkpoint-<step> (0 for no checkpoint)."""
+    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
+
+
 def newest_run(root: Path = Path("runs")) -> Path:
-    runs = [p for p in Path(root).glob("*") if (p / "run.json").is_file()] if Path(root).is_dir() else []
+    runs = [RunDir(p) for p in Path(root).glob("*") if RunDir(p).exists()] if Path(root).is_dir() else []
     if not runs:
         raise UserError(f"no run found in {root}/; train one first (lowmem-r1 train recipes/demo.toml) or name it")
-    return max(runs, key=lambda p: (p / "run.json").stat().st_mtime)
+    return max(runs, key=lambda r: r.info_file.stat().st_mtime).path

@@ -19,7 +19,7 @@ from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_free
 from .recipe import Recipe, load_recipe, recipe_to_toml
 from .callbacks import Interrupt, MetricsLog
 from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
-from .rundir import RunDir
+from .rundir import RunDir, checkpoint_step, disk_needed
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_KEYS = {"logging", "output", "eval", "description"}
@@ -58,7 +58,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
         raise UserError("data: no training rows left after filtering; raise data.max_prompt_length or check data.source")
     _preflight_disk(run, recipe, model)
 
-    recorder = RewardRecorder(run.completions, recipe, start_step=_step_of(checkpoint))
+    recorder = RewardRecorder(run.completions, recipe, start_step=checkpoint_step(checkpoint))
     reward_funcs, weights = guard_rewards(recipe, recorder)
 
     from trl import GRPOConfig
@@ -69,7 +69,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
 
     config = GRPOConfig(**{**grpo_kwargs(recipe, run, weights), **backend.grpo_overrides(recipe)})
     interrupt = Interrupt()
-    display = progress.TrainingDisplay(recipe, run, console, start_step=_step_of(checkpoint))
+    display = progress.TrainingDisplay(recipe, run, console, start_step=checkpoint_step(checkpoint))
     display.recorder = recorder
     trainer = trainer_class()(
         model=model,
@@ -80,7 +80,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
         callbacks=[MetricsLog(run.metrics), display, interrupt],
     )
     _quiet_default_printers(trainer)
-    _write_info(run, recipe, backend.name, status="running", step=_step_of(checkpoint))
+    _write_info(run, recipe, backend.name, status="running", step=checkpoint_step(checkpoint))
 
     with interrupt.installed(console), display:
         try:
@@ -142,7 +142,7 @@ def prepare_run_dir(recipe: Recipe, resume: str | None, force: bool) -> tuple[Ru
         _clear_staging(run)
         checkpoints = run.checkpoint_dirs()
         checkpoint = checkpoints[-1] if checkpoints else None
-        truncate_logs(run, _step_of(checkpoint))
+        truncate_logs(run, checkpoint_step(checkpoint))
         atomic_write_text(run.recipe, recipe_to_toml(recipe))
         return run, checkpoint
 
@@ -202,10 +202,6 @@ def truncate_logs(run: RunDir, step: int) -> None:
         atomic_write_text(path, "".join(x + "\n" for x in kept))
 
 
-def _step_of(checkpoint: Path | None) -> int:
-    return int(checkpoint.name.split("-")[-1]) if checkpoint else 0
-
-
 def _clear_staging(run: RunDir) -> None:
     shutil.rmtree(run.checkpoints / ".staging", ignore_errors=True)
 
@@ -228,18 +224,14 @@ def _write_info(run: RunDir, recipe: Recipe, backend: str, status: str, step: in
 
 
 def _preflight_disk(run: RunDir, recipe: Recipe, model) -> None:
-    """Checkpoints hold the adapter and AdamW's two moments: about 3 x 4 bytes per trainable parameter."""
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    keep = (recipe.training.save_total_limit or max(1, recipe.training.max_steps // recipe.training.save_steps)) + 1
-    needed = trainable * 12 * keep + trainable * 4 + 50_000_000
+    needed, keep = disk_needed(trainable, recipe.training)
     check_free_space(run.path, needed, f"{keep} checkpoint(s) and the adapter")
 
 
 def _warn_if_not_fit(recipe: Recipe, console) -> None:
-    try:
-        from .plan import warn_if_not_fit
-    except ImportError:
-        return
+    from .plan import warn_if_not_fit
+
     message = warn_if_not_fit(recipe)
     if message:
         console.print(f"[yellow]plan:[/] {message}")
@@ -314,10 +306,7 @@ def trainer_class():
             os.replace(staging / name, final)
             shutil.rmtree(staging, ignore_errors=True)
             if limit:
-                complete = sorted(
-                    (p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                    key=lambda p: int(p.name.split("-")[-1]),
-                )
+                complete = RunDir(root.parent).checkpoint_dirs()  # root is the run's checkpoints/
                 for old in complete[: max(0, len(complete) - limit)]:
                     shutil.rmtree(old, ignore_errors=True)
 
