@@ -275,9 +275,9 @@ with torch.no_grad():
     reference = PeftModel.from_pretrained(base, str(run / "adapter"))  # fp32 base + adapter, plain peft
     a = reference(input_ids=ids).logits.float()
     b = merged.float()(input_ids=ids).logits.float()
-    # The backend's own inference loader: base + the run's adapter (bf16 on a CPU that has it).
-    adapted, _ = backend.load_for_inference("builtin:smollm2-135m-instruct", str(run / "adapter"))
-    d = adapted(input_ids=ids).logits.float()
+    # What `chat` / `eval` load with the unsloth engine: the run's adapter on its base, inference mode.
+    from lowmem_r1.inference import load_generator, resolve_ref
+    d = load_generator(resolve_ref(str(run)), "unsloth").model(input_ids=ids).logits.float()
 name = "model.layers.0.self_attn.q_proj.weight"
 delta = (merged.state_dict()[name].float() - AutoModelForCausalLM.from_pretrained(base_path).state_dict()[name]).abs().max().item()
 print(json.dumps({

@@ -8,7 +8,7 @@ A backend is any object with:
     name: str
     load(recipe) -> (peft_model, tokenizer)
     grpo_overrides(recipe) -> dict        extra GRPOConfig keyword arguments
-    load_for_inference(base, adapter=None) -> (model, tokenizer)
+(Generation for chat/eval is inference.py's, which picks its own engine.)
 
 Unsloth must be imported before trl/transformers/peft in a process, so `select` is called before the
 trainer imports anything heavy.
@@ -75,6 +75,12 @@ def select(recipe):
 # GPU-only settings: refuse clearly where they cannot work, fall back out loud where it is safe.
 
 GPU_EXTRA = 'pip install "lowmem-r1[gpu]"'
+
+
+def lora_kwargs(lora) -> dict:
+    """The recipe's [lora] section in peft's names (LoraConfig and Unsloth's get_peft_model take these)."""
+    return dict(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                use_rslora=lora.use_rslora)
 
 
 def installed(package: str) -> bool:

@@ -6,6 +6,7 @@ import importlib.util
 
 from ..errors import UserError
 from ..models import resolve_model
+from . import lora_kwargs
 
 
 def torch_dtype(name: str, cuda: bool):
@@ -55,14 +56,7 @@ class HFBackend:
             model = prepare_model_for_kbit_training(
                 model, use_gradient_checkpointing=recipe.training.gradient_checkpointing
             )
-        config = LoraConfig(
-            r=lora.r,
-            lora_alpha=lora.alpha,
-            lora_dropout=lora.dropout,
-            target_modules=lora.target_modules,
-            use_rslora=lora.use_rslora,
-            task_type="CAUSAL_LM",
-        )
+        config = LoraConfig(**lora_kwargs(lora), task_type="CAUSAL_LM")
         return get_peft_model(model, config), tok
 
     def grpo_overrides(self, recipe) -> dict:
@@ -89,22 +83,6 @@ class HFBackend:
                 vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
             )
         return out
-
-    def load_for_inference(self, base: str, adapter: str | None = None):
-        import torch
-        from transformers import AutoModelForCausalLM
-
-        cuda = torch.cuda.is_available()
-        path = resolve_model(base)
-        tok = load_tokenizer(adapter or path) if adapter else load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype("auto", cuda))
-        if adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter)
-        if cuda:
-            model = model.to("cuda")
-        return model.eval(), tok
 
 
 def nf4_config(compute_dtype):

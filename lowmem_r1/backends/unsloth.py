@@ -19,6 +19,7 @@ import sys
 
 from ..errors import UserError
 from ..models import resolve_model
+from . import lora_kwargs
 
 log = logging.getLogger("lowmem_r1")
 
@@ -94,15 +95,7 @@ def peft_kwargs(recipe, cuda: bool) -> dict:
     checkpointing (activations go to host RAM: the largest saving after 4-bit); on CPU as the recipe says."""
     lora, t = recipe.lora, recipe.training
     checkpointing = "unsloth" if (cuda or t.gradient_checkpointing) else False
-    return dict(
-        r=lora.r,
-        target_modules=lora.target_modules,
-        lora_alpha=lora.alpha,
-        lora_dropout=lora.dropout,
-        use_gradient_checkpointing=checkpointing,
-        random_state=t.seed,
-        use_rslora=lora.use_rslora,
-    )
+    return dict(**lora_kwargs(lora), use_gradient_checkpointing=checkpointing, random_state=t.seed)
 
 
 def gpu_grpo_overrides(recipe, bf16_supported: bool) -> dict:
@@ -164,18 +157,3 @@ class UnslothBackend:
             bf16 = recipe.model.dtype == "bfloat16"
         return gpu_grpo_overrides(recipe, bf16)
 
-    def load_for_inference(self, base: str, adapter: str | None = None):
-        """Base (4-bit on a GPU, as trained) + adapter, switched to Unsloth's inference mode."""
-        cuda = _cuda()
-        unsloth = prepare(self.standby)
-        fast = unsloth.FastLanguageModel
-        model, tok = fast.from_pretrained(model_name=resolve_model(base), load_in_4bit=cuda, dtype=None)
-        if adapter:
-            from peft import PeftModel
-
-            model = PeftModel.from_pretrained(model, adapter)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-        tok.padding_side = "left"
-        fast.for_inference(model)
-        return model.eval(), tok
