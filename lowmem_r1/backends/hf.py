@@ -69,14 +69,9 @@ class HFBackend:
             dtype = torch_dtype(recipe.model.dtype, cuda)
             out["bf16"] = dtype == torch.bfloat16
             out["fp16"] = dtype == torch.float16
-        if g.use_vllm or recipe.model.fast_inference:  # fast_inference without unsloth: TRL's vLLM (logged by select)
-            if not cuda:
-                raise UserError(
-                    "generation.use_vllm: vLLM needs a CUDA GPU; set --set generation.use_vllm=false "
-                    "(and model.fast_inference=false) to generate with transformers on this machine"
-                )
-            if importlib.util.find_spec("vllm") is None:
-                raise UserError('generation.use_vllm: vllm is not installed; pip install "lowmem-r1[gpu]"')
+        # fast_inference without unsloth: TRL's vLLM. CUDA and vllm are required by backends.requirements(),
+        # which select() checks before anything loads.
+        if g.use_vllm or recipe.model.fast_inference:
             out.update(
                 use_vllm=True,
                 vllm_mode=g.vllm_mode,
