@@ -205,15 +205,9 @@ def merge(
 ) -> None:
     """Merge a LoRA adapter into its 16-bit base (verified against peft), optionally export GGUF + Modelfile."""
     from .merge import merge as run_merge
-    from .ollama import model_name
 
     result = run_merge(target, base=base, out=out, dtype=dtype, gguf=gguf, ollama=ollama, force=force)
-    print(f"merged model: {result.out}")
-    for g in result.ggufs:
-        print(f"GGUF: {g.path}  (llama.cpp: llama-cli -m {g.path} --jinja)")
-    if result.modelfile:
-        name = model_name(result.out)
-        print(f"Ollama: cd {result.out} && ollama create {name} -f Modelfile && ollama run {name}")
+    print("\n".join(result.next_steps()))
 
 
 # --- chat / eval / report ---------------------------------------------------------------------------

@@ -569,6 +569,17 @@ class MergeResult:
     ggufs: list = field(default_factory=list)  # export_gguf.GGUFReport
     modelfile: Path | None = None
 
+    def next_steps(self) -> list[str]:
+        """Where the outputs are and the commands that run them."""
+        lines = [f"merged model: {self.out}"]
+        lines += [f"GGUF: {g.path}  (llama.cpp: llama-cli -m {g.path} --jinja)" for g in self.ggufs]
+        if self.modelfile:
+            from .ollama import model_name
+
+            name = model_name(self.out)
+            lines.append(f"Ollama: cd {self.out} && ollama create {name} -f Modelfile && ollama run {name}")
+        return lines
+
 
 def default_dtype(cfg: dict) -> str:
     """The base's own dtype (merging never changes precision unless asked)."""

@@ -229,3 +229,15 @@ def test_sharded_base_streams_shard_by_shard(base_model_dir, tmp_path):
     assert len(shards_in) > 1 and sorted(p.name for p in result.out.glob("model-*.safetensors")) == shards_in
     index = json.loads((result.out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == set(shards_in)
+
+
+def test_next_steps_name_the_outputs_and_the_ollama_model(tmp_path):
+    from lowmem_r1.export_gguf import GGUFReport
+    from lowmem_r1.merge import MergeResult
+
+    out = tmp_path / "runs" / "demo" / "merged"
+    result = MergeResult(out, None, None, [GGUFReport(out / "model-f16.gguf", "f16", 1, 1, 0.1)], out / "Modelfile")
+    lines = result.next_steps()
+    assert lines[0] == f"merged model: {out}"
+    assert f"llama-cli -m {out / 'model-f16.gguf'} --jinja" in lines[1]
+    assert "ollama create demo -f Modelfile && ollama run demo" in lines[2]
