@@ -93,8 +93,9 @@ class Conversation:
         messages.append({"role": "user", "content": user})
         if not self.assistant_prefix:
             return self.gen.encode(messages), False
-        text = self.gen.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        text += self.assistant_prefix
+        from .data.splits import continue_assistant  # as training rendered it: what the rewards saw
+
+        text = continue_assistant(messages, self.assistant_prefix, self.gen.tokenizer)
         return self.gen.encode(text), _opens_reasoning(self.assistant_prefix)
 
     def reply(self, user: str, sampling: Sampling, on_piece: Callable[[bool, str], None]) -> None:

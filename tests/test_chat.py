@@ -195,6 +195,13 @@ def test_trained_format_and_assistant_prefix(tmp_path, base_gen):
     rendered = base_gen.tokenizer.decode(ids)
     assert rendered.endswith("<|im_start|>assistant\nLet me solve this step by step.\n<think>")
     assert rendered.count("<|im_end|>") == 2  # system and user turns closed, the assistant turn left open
+    # token for token the prompt training built for the same question (what the rewards saw)
+    from types import SimpleNamespace
+
+    from lowmem_r1.data.splits import render_prompt
+
+    trained = render_prompt("What is 3 + 5?", SimpleNamespace(system="r1", assistant_prefix=prefix), base_gen.tokenizer)
+    assert ids == base_gen.encode(trained)
 
 
 def test_multi_turn_uses_the_chat_template(base_gen):

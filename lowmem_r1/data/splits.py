@@ -128,8 +128,14 @@ def render_prompt(user, prompt, tokenizer=None):
         messages = build_messages(user, prompt)
     if not prompt.assistant_prefix:
         return messages
-    text = _chat_template(tokenizer, messages, continue_final_message=True)
-    return _strip_double_bos(text, tokenizer)
+    return continue_assistant(messages[:-1], prompt.assistant_prefix, tokenizer)
+
+
+def continue_assistant(messages: list[dict], prefix: str, tokenizer) -> str:
+    """The conversation plus an assistant turn opened with `prefix`, as the text the model continues
+    (chat template applied, exactly one BOS once tokenized). Training and `chat` both render this way."""
+    turn = {"role": "assistant", "content": prefix}
+    return _strip_double_bos(_chat_template(tokenizer, [*messages, turn], continue_final_message=True), tokenizer)
 
 
 def _chat_template(tokenizer, messages, **kwargs) -> str | list[str]:
