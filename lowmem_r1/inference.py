@@ -71,10 +71,7 @@ def resolve_ref(name: str | Path | None, root: Path = Path("runs")) -> ModelRef:
     if path.is_dir() and (path / "run.json").is_file():
         run = RunDir(path)
         info = run.info()
-        base = info.get("base_model") or info.get("model_name")
-        if not base:
-            raise UserError(f"{run.info_file}: no base_model recorded; the run directory is damaged")
-        return ModelRef(resolve_model(str(base)), run.latest_adapter(), path, str(path), bool(info.get("load_in_4bit")))
+        return ModelRef(resolve_model(run.base_model()), run.latest_adapter(), path, str(path), bool(info.get("load_in_4bit")))
     if path.is_dir() and (path / "adapter_config.json").is_file():
         cfg = json.loads((path / "adapter_config.json").read_text())
         base = cfg.get("base_model_name_or_path")

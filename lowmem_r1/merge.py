@@ -187,13 +187,7 @@ def resolve_source(target: str | Path | None = None, base: str | None = None) ->
     if run.exists():
         info = run.info()
         adapter = run.latest_adapter()
-        if base is None:
-            recorded = info.get("base_model")
-            name = recorded if recorded and Path(recorded).exists() else info.get("model_name") or recorded
-            if not name:
-                raise UserError(f"{run.info_file}: no base_model recorded; pass --base MODEL")
-            base = name
-        return MergeSource(adapter, resolve_model(base), path, info.get("backend", "hf"),
+        return MergeSource(adapter, resolve_model(base or run.base_model()), path, info.get("backend", "hf"),
                            bool(info.get("load_in_4bit")), path / "merged")
     if (path / "adapter_config.json").is_file():
         if base is None:

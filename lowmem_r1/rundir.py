@@ -57,6 +57,17 @@ class RunDir:
         except json.JSONDecodeError as e:
             raise UserError(f"{self.info_file}: unreadable ({e}); the run directory is damaged") from None
 
+    def base_model(self) -> str:
+        """The model the adapter was trained on: the folder recorded at training time, else (moved, or
+        the builtin cache cleared) the name the recipe gave, to be resolved again."""
+        info = self.info()
+        recorded = info.get("base_model")
+        name = recorded if recorded and Path(recorded).exists() else info.get("model_name") or recorded
+        if not name:
+            raise UserError(f"{self.info_file}: no base_model recorded; the run directory is damaged "
+                            "(merge takes --base MODEL)")
+        return name
+
     def exists(self) -> bool:
         return self.info_file.is_file()
 

@@ -86,6 +86,22 @@ def test_resolve_ref_and_newest(tmp_path, lora_run_dir, base_model_dir):
     assert newest_model(tmp_path) == merged
 
 
+def test_run_whose_base_folder_moved_resolves_like_merge(tmp_path, base_model_dir):
+    """chat/eval and merge agree: a recorded base folder that is gone falls back to the recipe's name."""
+    import json
+
+    from lowmem_r1.merge import resolve_source
+
+    run = tmp_path / "run"
+    (run / "adapter").mkdir(parents=True)
+    (run / "adapter" / "adapter_config.json").write_text("{}")
+    (run / "run.json").write_text(json.dumps({"base_model": str(tmp_path / "gone"), "model_name": str(base_model_dir)}))
+    assert resolve_ref(run).base == resolve_source(run).base == str(base_model_dir)
+    (run / "run.json").write_text("{}")
+    with pytest.raises(UserError, match="no base_model recorded"):
+        resolve_ref(run)
+
+
 # --------------------------------------------------------------------------------------------------
 # The REPL, driven from a script, with a scripted generator (the session logic, not the model)
 
