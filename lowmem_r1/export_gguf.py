@@ -518,7 +518,6 @@ def _export_kquant(model_dir: Path, out_path: Path, qtype: str, verify: bool, lo
 # Max |logit diff| vs the merged model, and the share of probe positions whose top token must agree.
 GGUF_TOL = {"f32": (1e-3, 1.0), "f16": (0.5, 0.95), "bf16": (1.5, 0.9), "q8_0": (2.0, 0.9)}
 DEFAULT_TOL = (8.0, 0.6)  # 4-6 bit types: a sanity bound, not a quality claim
-_REFERENCE: dict = {}  # the merged model's outputs, reused across the GGUF types of one merge
 
 
 def read_back(path: Path) -> dict:
@@ -560,9 +559,9 @@ def _verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None,
     import gc
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .merge import PROBES, checkpoint_shards
+    from .merge import merged_outputs, probe_outputs
 
     path, model_dir = Path(path), Path(model_dir)
     info = read_back(path)
@@ -585,30 +584,7 @@ def _verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None,
     if problems:
         raise UserError(f"{path}: GGUF read-back failed: {'; '.join(problems)}", exit_code=1)
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir))
-    inputs = [tok(p, return_tensors="pt")["input_ids"] for p in PROBES]
-    chat = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 5?"}], add_generation_prompt=True,
-                                   return_tensors="pt", return_dict=True)["input_ids"] \
-        if tok.chat_template else inputs[0]
-
-    # The same generation settings for both (a GGUF-loaded model's generation_config is rebuilt from metadata).
-    gen = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
-                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
-
-    def run(model):
-        with torch.no_grad():
-            logits = [model(input_ids=ids).logits.float()[0] for ids in inputs]
-            greedy = model.generate(chat, generation_config=gen)[0, chat.shape[1]:].tolist()
-        return logits, greedy
-
-    key = (str(model_dir.resolve()), compute, *[(s.stat().st_size, s.stat().st_mtime_ns) for s in checkpoint_shards(model_dir)])
-    if key not in _REFERENCE:  # one reference run per merged model, however many GGUF types
-        _REFERENCE.clear()
-        ref_model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, compute))
-        _REFERENCE[key] = run(ref_model.eval())
-        del ref_model
-        gc.collect()
-    ref, ref_greedy = _REFERENCE[key]
+    ref, ref_greedy = merged_outputs(model_dir, compute)  # one reference run per merged model
     # The GGUF loader's per-tensor progress bar (plain tqdm) would flood the merge log: silence it here only.
     from functools import partial
 
@@ -621,7 +597,7 @@ def _verify_gguf(path: Path, model_dir: Path, qtype: str, expected: dict | None,
                                                        dtype=getattr(torch, compute))
     finally:
         gguf_utils.tqdm = bar
-    got, got_greedy = run(g_model.eval())
+    got, got_greedy = probe_outputs(g_model.eval(), AutoTokenizer.from_pretrained(str(model_dir)))
     del g_model
     gc.collect()
 

@@ -490,6 +490,46 @@ def _max_diff(a: list, b: list) -> float:
     return max(float((x - y).abs().max()) for x, y in zip(a, b))
 
 
+def probe_outputs(model, tok) -> tuple[list, list[int]]:
+    """Logits on the probe prompts and 8 greedy tokens answering a chat question, with generation
+    settings taken from the tokenizer (a GGUF-loaded model rebuilds its generation_config from metadata)."""
+    import torch
+    from transformers import GenerationConfig
+
+    inputs = probe_inputs(tok)
+    chat = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 5?"}], add_generation_prompt=True,
+                                   return_tensors="pt", return_dict=True)["input_ids"] \
+        if tok.chat_template else inputs[0]
+    gen = GenerationConfig(max_new_tokens=8, do_sample=False, eos_token_id=tok.eos_token_id,
+                           pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id)
+    with torch.no_grad():
+        greedy = model.generate(chat, generation_config=gen)[0, chat.shape[1]:].tolist()
+    return _logits(model, inputs), greedy
+
+
+_MERGED_OUTPUTS: dict = {}
+
+
+def merged_outputs(model_dir: Path, compute: str) -> tuple[list, list[int]]:
+    """probe_outputs of a merged folder, computed once per folder and dtype: the merge check and the
+    check of every GGUF type compare against the same outputs, so the merged model is loaded once."""
+    import gc
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    key = (str(model_dir.resolve()), compute,
+           *[(s.stat().st_size, s.stat().st_mtime_ns) for s in checkpoint_shards(model_dir)])
+    if key not in _MERGED_OUTPUTS:
+        _MERGED_OUTPUTS.clear()
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, compute)).eval()
+        _MERGED_OUTPUTS[key] = probe_outputs(model, AutoTokenizer.from_pretrained(str(model_dir)))
+        del model
+        gc.collect()
+    return _MERGED_OUTPUTS[key]
+
+
 SMALL_MODEL = 1_000_000_000  # parameters; up to this size checks compute in float32 on one thread
 
 
@@ -538,11 +578,7 @@ def _verify_merge(base_dir: Path, adapter_dir: Path, merged_dir: Path, dtype: st
     del base, model, peft_merged
     gc.collect()
 
-    ours = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=cdt)
-    ours.eval()
-    got = _logits(ours, inputs)
-    del ours
-    gc.collect()
+    got, _ = merged_outputs(merged_dir, compute)
 
     max_diff, peft_diff = _max_diff(got, ref), _max_diff(got, peft_ref)
     scale = max(1.0, max(float(x.abs().max()) for x in ref) / LOGIT_SCALE)
