@@ -29,10 +29,12 @@ import os
 import shutil
 import subprocess
 import time
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
+from itertools import groupby
 from pathlib import Path
 
 from .errors import UserError
@@ -397,12 +399,13 @@ def _write(model_dir: Path, out_path: Path, qtype: str, log, name: str | None) -
     extra = _rope_metadata(writer, gguf, cfg)
 
     # Pass 1, headers only: what goes into the file, with which type and size.
-    plan = []  # (gguf name, shard, hf name, shape, ggml type)
+    plan = []  # (gguf name, shard, hf name - or the tensor itself for extras, shape, ggml type, header entry)
+    starts = {}  # shard -> byte offset of its data
     n_params = 0
     for gname, t in extra:
-        plan.append((gname, None, t, list(t.shape), gguf.GGMLQuantizationType.F32))
+        plan.append((gname, None, t, list(t.shape), gguf.GGMLQuantizationType.F32, None))
     for shard in checkpoint_shards(model_dir):
-        header, _ = read_header(shard)
+        header, starts[shard] = read_header(shard)
         for hf_name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
             if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
                 continue
@@ -410,9 +413,9 @@ def _write(model_dir: Path, out_path: Path, qtype: str, log, name: str | None) -
             if gname is None:
                 raise UserError(f"{shard.name}: tensor {hf_name} has no GGUF name for {hf_arch}; not exportable")
             shape = entry["shape"]
-            plan.append((gname, shard, hf_name, shape, _tensor_type(gguf, gname, shape, qtype)))
+            plan.append((gname, shard, hf_name, shape, _tensor_type(gguf, gname, shape, qtype), entry))
             n_params += math.prod(shape)
-    for gname, _, _, shape, ttype in plan:
+    for gname, _, _, shape, ttype, _ in plan:
         if ttype == gguf.GGMLQuantizationType.F32:
             writer.add_tensor_info(gname, shape, np.dtype(np.float32), 4 * math.prod(shape))
         elif ttype == gguf.GGMLQuantizationType.F16:
@@ -443,33 +446,27 @@ def _write(model_dir: Path, out_path: Path, qtype: str, log, name: str | None) -
 
     # Pass 2: stream the tensors in plan order.
     tmp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
-    counts: dict[str, int] = {}
+    counts = dict(Counter(p[4].name for p in plan))
     with one_torch_thread():  # memory-bound streaming: see merge.one_torch_thread
         try:
             writer.write_header_to_file(tmp)
             writer.write_kv_data_to_file()
             writer.write_ti_data_to_file()
             buffers: dict = {}
-            for gname, shard, t, shape, ttype in plan:  # extra tensors first, then shard by shard
+            for _, shard, t, _, ttype, _ in plan:  # extra tensors (rope_freqs) come first
                 if shard is None:
                     writer.write_tensor_pieces([_to_ggml(gguf, t, ttype, buffers)])
-                    counts[ttype.name] = counts.get(ttype.name, 0) + 1
-            for shard in dict.fromkeys(p[1] for p in plan if p[1] is not None):
-                wanted = {p[2]: p for p in plan if p[1] == shard}
-                header, start = read_header(shard)
+            for shard, items in groupby((p for p in plan if p[1] is not None), key=lambda p: p[1]):
                 # ACCESS_COPY: a private mapping is writable, which torch.frombuffer wants; nothing writes to it
                 with open(shard, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY) as m:
-                    for hf_name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-                        if hf_name not in wanted:
-                            continue  # a tied lm_head or a rotary buffer: not even read
-                        ttype = wanted[hf_name][4]
+                    for _, _, hf_name, _, ttype, entry in items:  # file order, as planned
                         transform = None
                         if is_llama and hf_name.endswith(("q_proj.weight", "q_proj.bias")):
                             transform = partial(_permute, n_head=n_head)
                         elif is_llama and hf_name.endswith(("k_proj.weight", "k_proj.bias")):
                             transform = partial(_permute, n_head=n_kv)
-                        writer.write_tensor_pieces(_pieces(gguf, shard, m, start, entry, ttype, buffers, transform))
-                        counts[ttype.name] = counts.get(ttype.name, 0) + 1
+                        writer.write_tensor_pieces(
+                            _pieces(gguf, shard, m, starts[shard], entry, ttype, buffers, transform))
             writer.close()
             os.replace(tmp, out_path)
         except BaseException:
