@@ -316,7 +316,7 @@ def evaluate(target: str, settings: EvalSettings, model: str | None = None, data
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     with err.status(f"loading {t.ref.label} ...", spinner="dots"):
-        gen = load_generator(t.ref, settings.engine)
+        gen = load_generator(t.ref, settings.engine, tokenizer=tokenizer)
     results["engine"] = gen.engine
     prompt_ids = [gen.encode(r["prompt"]) for r in rows]
     scored: dict[str, Scored] = {}

@@ -294,10 +294,11 @@ class Generator:
             pass
 
 
-def load_generator(ref: ModelRef, engine: str = "auto", streaming: bool = False) -> Generator:
-    """Load `ref` for generation on the chosen engine, in eval mode."""
+def load_generator(ref: ModelRef, engine: str = "auto", streaming: bool = False, tokenizer=None) -> Generator:
+    """Load `ref` for generation on the chosen engine, in eval mode (`tokenizer`: load_tokenizer(ref)
+    when the caller already has it)."""
     engine = select_engine(engine, streaming=streaming) if engine == "auto" else engine
-    tokenizer = load_tokenizer(ref)
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref)
     if engine == "vllm":
         return _load_vllm(ref, tokenizer)
     if engine == "unsloth":
