@@ -191,8 +191,6 @@ class Recipe(Section):
                 f"lora.r = {self.lora.r} is above model.max_lora_rank = {self.model.max_lora_rank}; "
                 f"vLLM cannot serve it: raise model.max_lora_rank or lower lora.r",
             )
-        if self.lora.alpha <= 0:
-            raise _Combination("lora.alpha", "lora.alpha must be positive")
         if self.data.generator and not self.data.source.startswith("builtin:"):
             raise _Combination(
                 "data.generator",

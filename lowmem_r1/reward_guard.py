@@ -40,12 +40,12 @@ def guard_rewards(recipe, recorder: "RewardRecorder"):
     """Build the recipe's rewards as guarded, recorded TRL reward functions, and their weights."""
     names = unique_names([e.name for e in recipe.rewards])
     recorder.names = names
-    recorder.weights = [e.weight for e in recipe.rewards]
+    recorder.weights = weights = [e.weight for e in recipe.rewards]
     funcs = [
         _guard(build(e.name, **e.params), name, e.on_error, recorder, i)
         for i, (e, name) in enumerate(zip(recipe.rewards, names))
     ]
-    return funcs, [e.weight for e in recipe.rewards]
+    return funcs, weights
 
 
 def unique_names(refs: list[str]) -> list[str]:

@@ -36,10 +36,9 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
     # First: a refused GPU setting must not leave a run directory behind; and unsloth, when chosen, is
     # imported here (select calls backend.prepare()), before anything imports trl/transformers/peft.
     backend = backends.select(recipe)
-    _name, why = backends.choose(recipe.model.backend)
     run, checkpoint = prepare_run_dir(recipe, resume, force)
     started = time.time()
-    console.print(f"[bold]lowmem-r1[/] run [cyan]{run.path}[/] - backend [cyan]{backend.name}[/] ({why})")
+    console.print(f"[bold]lowmem-r1[/] run [cyan]{run.path}[/] - backend [cyan]{backend.name}[/] ({backend.why})")
     _warn_if_not_fit(recipe, console)
 
     from transformers import set_seed

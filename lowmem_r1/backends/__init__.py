@@ -5,7 +5,7 @@
     auto     unsloth when CUDA and unsloth are both present, else hf - and it says so.
 
 A backend is any object with:
-    name: str
+    name: str, why: str (set by select: why this backend)
     load(recipe) -> (peft_model, tokenizer)
     grpo_overrides(recipe) -> dict        extra GRPOConfig keyword arguments
 (Generation for chat/eval is inference.py's, which picks its own engine.)
@@ -53,7 +53,7 @@ def choose(backend: str) -> tuple[str, str]:
 def select(recipe):
     """The backend object for a recipe, after checking this machine can run it (one-line UserError with
     the fix if not) and logging every fallback. Imports unsloth here, before anything imports trl."""
-    name, _why = choose(recipe.model.backend)
+    name, why = choose(recipe.model.backend)
     problems = requirements(recipe, name)
     if problems:
         more = f" (+{len(problems) - 1} more: run `lowmem-r1 doctor RECIPE`)" if len(problems) > 1 else ""
@@ -65,10 +65,12 @@ def select(recipe):
 
         backend = UnslothBackend(standby=recipe.model.vllm_standby)
         backend.prepare()
-        return backend
-    from .hf import HFBackend
+    else:
+        from .hf import HFBackend
 
-    return HFBackend()
+        backend = HFBackend()
+    backend.why = why  # said on the run's first line
+    return backend
 
 
 # --------------------------------------------------------------------------------------------------

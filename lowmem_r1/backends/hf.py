@@ -32,6 +32,7 @@ def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bo
 
 class HFBackend:
     name = "hf"
+    why = ""  # set by select(): why this backend was chosen
 
     def prepare(self):
         """Nothing to import first (UnslothBackend.prepare imports unsloth before trl)."""

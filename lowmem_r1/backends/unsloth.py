@@ -126,6 +126,7 @@ def gpu_grpo_overrides(recipe, bf16_supported: bool) -> dict:
 
 class UnslothBackend:
     name = "unsloth"
+    why = ""  # set by select(): why this backend was chosen
 
     def __init__(self, standby: bool = False):
         self.standby = standby
