@@ -314,7 +314,7 @@ def load_tokenizer(ref: ModelRef):
     try:
         tok = AutoTokenizer.from_pretrained(str(src))
     except OSError as e:
-        raise UserError(f"model {ref.label}: cannot load its tokenizer ({e})") from None
+        raise UserError(f"model {ref.label}: cannot load its tokenizer ({' '.join(str(e).split())})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     tok.padding_side = "left"

@@ -30,9 +30,11 @@ def cache_dir() -> Path:
 
 
 def is_hub_id(name: str) -> bool:
+    """owner/name, and not a path here: `runs/typo` (runs/ exists) is a missing local folder, not a repo."""
     return (
         not name.startswith("builtin:")
         and not Path(name).exists()
+        and not Path(name).parent.is_dir()
         and name.count("/") == 1
         and not name.startswith((".", "/", "~"))
         and not name.endswith(".gguf")

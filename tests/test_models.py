@@ -26,9 +26,15 @@ def test_builtin_gguf_is_found_without_importing_the_package(base_model_dir):
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
 
 
-def test_names(tmp_path):
+def test_names(tmp_path, monkeypatch):
     assert resolve_model("Qwen/Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
     assert is_hub_id("openai/gsm8k") and not is_hub_id("./local/model") and not is_hub_id("x.gguf")
+    monkeypatch.chdir(tmp_path)
+    assert is_hub_id("runs/typo")
+    (tmp_path / "runs").mkdir()
+    assert not is_hub_id("runs/typo")  # a missing folder under a local one, not a hub repo
+    with pytest.raises(UserError, match="not a local folder"):
+        resolve_model("runs/typo")
     with pytest.raises(UserError, match="unknown builtin alias"):
         resolve_model("builtin:gpt-5")
     with pytest.raises(UserError, match="GGUF file not found"):
