@@ -204,7 +204,7 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Merge a LoRA adapter into its 16-bit base (verified against peft), optionally export GGUF + Modelfile."""
-    from .merge import merge as run_merge
+    from .export.command import merge as run_merge
 
     result = run_merge(target, base=base, out=out, dtype=dtype, gguf=gguf, ollama=ollama, force=force)
     print("\n".join(result.next_steps()))

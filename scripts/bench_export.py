@@ -48,23 +48,23 @@ CASES = {
         "from safetensors.torch import load_file, save_file",
         "save_file(load_file(A['st']), A['out'] + '.safetensors', metadata={'format': 'pt'})"),
     "merge fp32 (stream)": (
-        "from lowmem_r1.merge import merge_weights, read_adapter; from pathlib import Path",
+        "from lowmem_r1.export.merge_lora import merge_weights, read_adapter; from pathlib import Path",
         "Path(A['out']).mkdir(); merge_weights(Path(A['base']), read_adapter(Path(A['adapter'])), Path(A['out']), 'float32')"),
     "merge bf16 (stream)": (
-        "from lowmem_r1.merge import merge_weights, read_adapter; from pathlib import Path",
+        "from lowmem_r1.export.merge_lora import merge_weights, read_adapter; from pathlib import Path",
         "Path(A['out']).mkdir(); merge_weights(Path(A['base']), read_adapter(Path(A['adapter'])), Path(A['out']), 'bfloat16')"),
     "merge bf16 + parity check": (
-        "from lowmem_r1.merge import merge",
+        "from lowmem_r1.export.command import merge",
         "merge(A['run'], out=A['out'], dtype='bf16', log=lambda s: None)"),
     # gguf and tokenizers imported up front, as safetensors is for the copy: both time the work alone
     "GGUF F16 export": (
-        "import gguf, tokenizers; from lowmem_r1.export_gguf import export; from pathlib import Path",
+        "import gguf, tokenizers; from lowmem_r1.export.gguf import export; from pathlib import Path",
         "export(Path(A['base']), Path(A['out'] + '.gguf'), 'f16', verify=False, log=lambda s: None)"),
     "GGUF F16 export, cold": (  # the same, with `import gguf` (~0.1 s, once per process) inside the timing
-        "from lowmem_r1.export_gguf import export; from pathlib import Path",
+        "from lowmem_r1.export.gguf import export; from pathlib import Path",
         "export(Path(A['base']), Path(A['out'] + '.gguf'), 'f16', verify=False, log=lambda s: None)"),
     "GGUF Q8_0 export": (
-        "import gguf, tokenizers; from lowmem_r1.export_gguf import export; from pathlib import Path",
+        "import gguf, tokenizers; from lowmem_r1.export.gguf import export; from pathlib import Path",
         "export(Path(A['base']), Path(A['out'] + '.gguf'), 'q8_0', verify=False, log=lambda s: None)"),
 }
 

@@ -90,7 +90,7 @@ def test_run_whose_base_folder_moved_resolves_like_merge(tmp_path, base_model_di
     """chat/eval and merge agree: a recorded base folder that is gone falls back to the recipe's name."""
     import json
 
-    from lowmem_r1.merge import resolve_source
+    from lowmem_r1.export.source import resolve_source
 
     run = tmp_path / "run"
     (run / "adapter").mkdir(parents=True)

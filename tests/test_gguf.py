@@ -56,7 +56,7 @@ def _tiny(path: Path, model_type: str, tokenizer_from: Path, **kw) -> Path:
 
 def test_smollm2_layout_and_metadata(base_model_dir, tmp_path):
     """The embedded model's file (its transformers round trip runs in test_merge on the merged model)."""
-    from lowmem_r1.export_gguf import export, read_back
+    from lowmem_r1.export.gguf import export, read_back
 
     rep = export(base_model_dir, tmp_path / "model-f16.gguf", "f16", verify=False, log=lambda s: None)
     info = read_back(rep.path)
@@ -77,7 +77,7 @@ def test_llama_qk_permutation_matches_llama_cpp_layout(tiny_tokenizer, tmp_path)
     import numpy as np
     from safetensors import safe_open
 
-    from lowmem_r1.export_gguf import export
+    from lowmem_r1.export.gguf import export
 
     model = _tiny(tmp_path / "llama", "llama", tiny_tokenizer)
     path = export(model, tmp_path / "f32.gguf", "f32", verify=False, log=lambda s: None).path
@@ -106,7 +106,7 @@ def test_llama_qk_permutation_matches_llama_cpp_layout(tiny_tokenizer, tmp_path)
 ])
 def test_round_trip_through_transformers(model_type, extra, tiny_tokenizer, tmp_path):
     """F32 must reproduce the model exactly (logits, greedy tokens); Q8_0 within its tolerance."""
-    from lowmem_r1.export_gguf import export, read_back
+    from lowmem_r1.export.gguf import export, read_back
 
     model = _tiny(tmp_path / model_type, model_type, tiny_tokenizer, **extra)
     for qtype in ("f32", "q8_0"):
@@ -130,13 +130,14 @@ def test_round_trip_through_transformers(model_type, extra, tiny_tokenizer, tmp_
 def test_row_chunks_give_the_bytes_of_whole_tensors(qtype, tiny_tokenizer, tmp_path, monkeypatch):
     """Tensors are converted a few rows at a time; a chunk of one row must give the same file as one
     chunk per tensor (the llama q/k permutation included)."""
-    import lowmem_r1.export_gguf as eg
+    import lowmem_r1.export.gguf_stream as stream
+    from lowmem_r1.export.gguf import export
 
     model = _tiny(tmp_path / "llama", "llama", tiny_tokenizer, tie_word_embeddings=False)
     files = []
     for chunk in (1 << 30, 1):
-        monkeypatch.setattr(eg, "CHUNK_BYTES", chunk)
-        files.append(eg.export(model, tmp_path / f"{chunk}.gguf", qtype, verify=False, log=lambda s: None).path)
+        monkeypatch.setattr(stream, "CHUNK_BYTES", chunk)
+        files.append(export(model, tmp_path / f"{chunk}.gguf", qtype, verify=False, log=lambda s: None).path)
     assert files[0].read_bytes() == files[1].read_bytes()
 
 
@@ -145,7 +146,7 @@ def test_tokenizer_metadata_sources(tiny_tokenizer, tmp_path):
     file; named templates in additional_chat_templates/ are written beside the default."""
     import gguf
 
-    from lowmem_r1.export_gguf import export
+    from lowmem_r1.export.gguf import export
 
     model = _tiny(tmp_path / "llama", "llama", tiny_tokenizer, pad_token_id=0)
     tcfg = json.loads((model / "tokenizer_config.json").read_text())
@@ -164,7 +165,7 @@ def test_tokenizer_metadata_sources(tiny_tokenizer, tmp_path):
     (model / "tokenizer_config.json").write_text(json.dumps(tcfg))
     r = gguf.GGUFReader(str(export(model, tmp_path / "b.gguf", "f32", verify=False, log=lambda s: None).path))
     assert r.get_field("tokenizer.chat_template").contents() == "{{ messages }}"
-    from lowmem_r1.export_gguf import read_back, verify_gguf  # the check expects what was written
+    from lowmem_r1.export.gguf import read_back, verify_gguf  # the check expects what was written
 
     with pytest.raises(UserError, match="chat_template differs"):
         verify_gguf(tmp_path / "a.gguf", model, "f32")
@@ -173,7 +174,7 @@ def test_tokenizer_metadata_sources(tiny_tokenizer, tmp_path):
 
 
 def test_unknown_and_kquant_types(monkeypatch):
-    from lowmem_r1.export_gguf import parse_types
+    from lowmem_r1.export.gguf import parse_types
 
     assert parse_types("f16, Q8_0") == ["f16", "q8_0"]
     assert parse_types(["f16", "bf16,f16"]) == ["f16", "bf16"]
@@ -186,7 +187,7 @@ def test_unknown_and_kquant_types(monkeypatch):
 
 
 def test_unsupported_architecture(tmp_path):
-    from lowmem_r1.export_gguf import export
+    from lowmem_r1.export.gguf import export
 
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
     (tmp_path / "model.safetensors").write_bytes(b"")
@@ -198,7 +199,7 @@ def test_modelfile_template_renders_like_the_jinja_template(base_model_dir):
     """Expand the Go template's range loop by hand and compare with the model's own Jinja rendering."""
     from transformers import AutoTokenizer
 
-    from lowmem_r1.ollama import modelfile_text
+    from lowmem_r1.export.ollama import modelfile_text
 
     text = modelfile_text(base_model_dir, "model-q8_0.gguf")
     assert text.startswith("FROM ./model-q8_0.gguf\n")
@@ -215,7 +216,7 @@ def test_modelfile_template_renders_like_the_jinja_template(base_model_dir):
 
 
 def test_ollama_rejects_unknown_template(base_model_dir, tmp_path):
-    from lowmem_r1.ollama import modelfile_text
+    from lowmem_r1.export.ollama import modelfile_text
 
     d = tmp_path / "tok"
     d.mkdir()
@@ -228,7 +229,7 @@ def test_ollama_rejects_unknown_template(base_model_dir, tmp_path):
 
 @pytest.mark.skipif(shutil.which("llama-quantize") is None, reason="llama.cpp's llama-quantize is not on PATH")
 def test_kquant_with_llama_quantize(base_model_dir, tmp_path):
-    from lowmem_r1.export_gguf import export, read_back
+    from lowmem_r1.export.gguf import export, read_back
 
     rep = export(base_model_dir, tmp_path / "model-q4_k_m.gguf", "q4_k_m", log=lambda s: None)
     assert "Q4_K" in set(read_back(rep.path)["tensors"].values())
@@ -245,7 +246,7 @@ def test_tensors_identical_to_llama_cpp_converter(base_model_dir, tmp_path, qtyp
     import gguf
     import numpy as np
 
-    from lowmem_r1.export_gguf import export
+    from lowmem_r1.export.gguf import export
 
     ref = tmp_path / "ref.gguf"
     subprocess.run([sys.executable, os.environ["LLAMA_CPP_CONVERT"], str(base_model_dir), "--outtype", qtype,
@@ -258,7 +259,7 @@ def test_tensors_identical_to_llama_cpp_converter(base_model_dir, tmp_path, qtyp
 
 
 def test_ollama_model_name_from_the_run(tmp_path):
-    from lowmem_r1.ollama import model_name
+    from lowmem_r1.export.ollama import model_name
 
     assert model_name(tmp_path / "runs" / "demo" / "merged") == "demo"
     assert model_name(tmp_path / "My Model v2") == "my-model-v2"

@@ -1,4 +1,4 @@
-"""lowmem_r1.gguf_writer writes the same bytes as gguf's stock GGUFWriter, only faster."""
+"""lowmem_r1.export.gguf_writer writes the same bytes as gguf's stock GGUFWriter, only faster."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 
-from lowmem_r1.gguf_writer import GGUFWriter
+from lowmem_r1.export.gguf_writer import GGUFWriter
 
 ARRAYS = {
     "tokens": [f"tok{i}" for i in range(300)] + ["", "Ġ", "é日本", "🦙 x", "a b"],

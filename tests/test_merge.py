@@ -22,7 +22,7 @@ def merged(lora_run_dir, tmp_path_factory):
     import torch
 
     torch.set_num_threads(1)
-    from lowmem_r1.merge import merge
+    from lowmem_r1.export.command import merge
 
     out = tmp_path_factory.mktemp("merge") / "merged"
     lines: list[str] = []
@@ -31,7 +31,7 @@ def merged(lora_run_dir, tmp_path_factory):
 
 
 def test_merge_matches_peft(merged, lora_run_dir):
-    from lowmem_r1.merge import LOGIT_TOL
+    from lowmem_r1.export.parity import LOGIT_TOL
 
     result, lines = merged
     p = result.parity
@@ -72,7 +72,7 @@ def test_merge_weights_equal_peft_merge_and_unload(lora_run_dir, base_model_dir,
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from lowmem_r1.merge import merge_weights, read_adapter
+    from lowmem_r1.export.merge_lora import merge_weights, read_adapter
 
     merge_weights(base_model_dir, read_adapter(lora_run_dir / "adapter"), tmp_path, "float32")
     ours = load_file(str(tmp_path / "model.safetensors"))
@@ -98,7 +98,7 @@ def test_gguf_and_modelfile_written_and_checked(merged):
 
 
 def test_existing_output_is_kept_without_force(merged, lora_run_dir):
-    from lowmem_r1.merge import merge
+    from lowmem_r1.export.command import merge
 
     result, _ = merged
     before = (result.out / "model.safetensors").stat().st_mtime_ns
@@ -108,7 +108,7 @@ def test_existing_output_is_kept_without_force(merged, lora_run_dir):
 
 
 def test_missing_adapter(tmp_path, lora_run_dir):
-    from lowmem_r1.merge import merge
+    from lowmem_r1.export.command import merge
 
     run = tmp_path / "empty-run"
     run.mkdir()
@@ -122,7 +122,7 @@ def test_missing_adapter(tmp_path, lora_run_dir):
 
 
 def test_unknown_quant_type_fails_before_any_work(lora_run_dir, tmp_path):
-    from lowmem_r1.merge import merge
+    from lowmem_r1.export.command import merge
 
     with pytest.raises(UserError, match="q9_x: unknown GGUF type"):
         merge(lora_run_dir, out=tmp_path / "m", gguf="f16,q9_x", log=lambda s: None)
@@ -146,7 +146,7 @@ def _tiny_model(path: Path, model_type: str, tokenizer_from: Path, **kw) -> Path
 
 def test_wrong_base_is_refused(lora_run_dir, base_model_dir, tmp_path):
     """An adapter for SmolLM2 (30 layers, hidden 576) against a 2-layer Qwen2 with hidden 64."""
-    from lowmem_r1.merge import merge
+    from lowmem_r1.export.command import merge
 
     qwen = _tiny_model(tmp_path / "qwen2", "qwen2", base_model_dir)
     with pytest.raises(UserError, match="--base"):
@@ -155,7 +155,8 @@ def test_wrong_base_is_refused(lora_run_dir, base_model_dir, tmp_path):
 
 
 def test_prequantized_base_and_dora_are_refused(lora_run_dir, base_model_dir, tmp_path):
-    from lowmem_r1.merge import check_base, read_adapter
+    from lowmem_r1.export.merge_lora import read_adapter
+    from lowmem_r1.export.source import check_base
 
     q = tmp_path / "Qwen2.5-0.5B-Instruct-bnb-4bit"
     q.mkdir()
@@ -171,7 +172,7 @@ def test_prequantized_base_and_dora_are_refused(lora_run_dir, base_model_dir, tm
 
 
 def test_rslora_scaling(lora_run_dir, tmp_path):
-    from lowmem_r1.merge import read_adapter
+    from lowmem_r1.export.merge_lora import read_adapter
 
     plain = read_adapter(lora_run_dir / "adapter")
     rs = tmp_path / "rs"
@@ -208,7 +209,7 @@ def test_sharded_base_streams_shard_by_shard(base_model_dir, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from lowmem_r1.merge import merge
+    from lowmem_r1.export.command import merge
 
     base = tmp_path / "base"
     _tiny_model(base, "llama", base_model_dir)
@@ -232,8 +233,8 @@ def test_sharded_base_streams_shard_by_shard(base_model_dir, tmp_path):
 
 
 def test_next_steps_name_the_outputs_and_the_ollama_model(tmp_path):
-    from lowmem_r1.export_gguf import GGUFReport
-    from lowmem_r1.merge import MergeResult
+    from lowmem_r1.export.command import MergeResult
+    from lowmem_r1.export.gguf import GGUFReport
 
     out = tmp_path / "runs" / "demo" / "merged"
     result = MergeResult(out, None, None, [GGUFReport(out / "model-f16.gguf", "f16", 1, 1, 0.1)], out / "Modelfile")

@@ -10,9 +10,11 @@ the stop tokens are every end token the tokenizer and generation config name.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
-from .errors import UserError
+from ..errors import UserError
+from ..fsutil import atomic_write_text
 
 CHATML = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>
@@ -84,8 +86,6 @@ def modelfile_text(model_dir: Path, gguf_name: str) -> str:
 
 def write_modelfile(model_dir: Path, gguf_name: str) -> Path:
     """Modelfile next to the GGUF (same folder)."""
-    from .fsutil import atomic_write_text
-
     path = Path(model_dir) / "Modelfile"
     atomic_write_text(path, modelfile_text(Path(model_dir), gguf_name))
     return path
@@ -94,8 +94,6 @@ def write_modelfile(model_dir: Path, gguf_name: str) -> Path:
 def model_name(out: Path) -> str:
     """A name for `ollama create`: the run's name for RUN_DIR/merged, else the folder's, in the
     characters Ollama accepts (lower-case letters, digits, . _ -)."""
-    import re
-
     out = Path(out).resolve()
     folder = out.parent.name if out.name == "merged" else out.name
     return re.sub(r"[^a-z0-9._-]+", "-", folder.lower()).strip("-._") or "my-model"

@@ -5,7 +5,7 @@ element: for a 49k-token vocabulary plus 49k merges that is ~150k Python calls a
 writing the 135M model's F16 tensors. Here, arrays of strings or of 32-bit integers are packed with a few
 C-level calls instead; the bytes are the same (tests/test_gguf_writer.py compares them with the stock
 writer). `write_tensor_pieces` streams one tensor in row chunks. Everything else is the stock code.
-Imports gguf: import this module lazily.
+Imports gguf at its top: import this module lazily (gguf.py does, inside _write).
 """
 
 from __future__ import annotations
