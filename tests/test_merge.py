@@ -242,3 +242,23 @@ def test_next_steps_name_the_outputs_and_the_ollama_model(tmp_path):
     assert lines[0] == f"merged model: {out}"
     assert f"llama-cli -m {out / 'model-f16.gguf'} --jinja" in lines[1]
     assert "ollama create demo -f Modelfile && ollama run demo" in lines[2]
+
+
+def test_alpha_pattern_scaling_matches_peft(lora_run_dir, base_model_dir, tmp_path):
+    """alpha_pattern keys (a module name suffix, or a regex) give each module the scaling peft gives it."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from lowmem_r1.export.merge_lora import read_adapter
+
+    ad = tmp_path / "ad"
+    shutil.copytree(lora_run_dir / "adapter", ad)
+    cfg = json.loads((ad / "adapter_config.json").read_text())
+    cfg["alpha_pattern"] = {"q_proj": 4, r"layers\.1\.self_attn\.v_proj": 40}
+    (ad / "adapter_config.json").write_text(json.dumps(cfg))
+    ours = read_adapter(ad).deltas
+    layers = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_model_dir), str(ad)).base_model.model.model.layers
+    for i, proj in ((0, "q_proj"), (1, "v_proj"), (2, "v_proj"), (1, "k_proj")):
+        theirs = getattr(layers[i].self_attn, proj).scaling["default"]
+        assert ours[f"model.layers.{i}.self_attn.{proj}.weight"].scaling == pytest.approx(theirs)
+    assert ours["model.layers.1.self_attn.v_proj.weight"].scaling == pytest.approx(40 / 8)

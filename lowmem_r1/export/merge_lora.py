@@ -84,23 +84,33 @@ def lora_scaling(alpha: float, r: int, rslora: bool) -> float:
     return alpha / (r ** 0.5) if rslora else alpha / r
 
 
+def module_alpha(cfg: dict, module: str) -> float:
+    """lora_alpha of one module: its alpha_pattern entry, matched by peft's own rule (get_pattern_key, as
+    LoraModel._create_and_replace does), else lora_alpha. peft (which loads transformers: ~4 s, ~180 MB)
+    is imported only when there is a pattern to match."""
+    default = cfg.get("lora_alpha", 8)
+    patterns = cfg.get("alpha_pattern") or {}
+    if not patterns:
+        return default
+    from peft.utils.other import get_pattern_key
+
+    return patterns.get(get_pattern_key(patterns.keys(), module), default)
+
+
 def read_adapter(adapter_dir: Path) -> Lora:
     """adapter_config.json + adapter_model.safetensors -> a Lora, refusing what cannot be merged here."""
-    from peft.utils.other import get_pattern_key
     from safetensors.torch import load_file
 
     cfg = read_adapter_config(adapter_dir)
     weights = adapter_dir / "adapter_model.safetensors"
     lora = Lora(config=cfg)
     pairs = _split_tensors(load_file(str(weights)), lora, weights)  # adapters are small; fine to hold
-    alphas = cfg.get("alpha_pattern") or {}
     for module, p in pairs.items():
         embedding = "lora_embedding_A" in p
         a, b = (p.get("lora_embedding_A"), p.get("lora_embedding_B")) if embedding else (p.get("lora_A"), p.get("lora_B"))
         if a is None or b is None:
             raise UserError(f"{weights}: {module} has only one of its LoRA A/B matrices; the adapter is damaged")
-        alpha = alphas.get(get_pattern_key(alphas.keys(), module), cfg.get("lora_alpha", 8))
-        scaling = lora_scaling(alpha, a.shape[0], bool(cfg.get("use_rslora")))
+        scaling = lora_scaling(module_alpha(cfg, module), a.shape[0], bool(cfg.get("use_rslora")))
         # Embedding LoRA is stored as A (r, vocab), B (dim, r): delta = (B @ A).T, like fan_in_fan_out.
         lora.deltas[f"{module}.weight"] = Delta(a, b, scaling, embedding or bool(cfg.get("fan_in_fan_out")))
     if not lora.deltas and not lora.replace:
