@@ -57,9 +57,10 @@ def train(
 
         print_dry_run(r, recipe)
         return
-    from .train import train as run_train
+    from .train import Start, train as run_train
 
-    code = run_train(r, recipe_path=recipe, resume=(run_dir or "") if resume else None, force=force)
+    start = Start.resume(r, run_dir, force) if resume else Start.new(r, force)
+    code = run_train(r, recipe_path=recipe, start=start)
     raise typer.Exit(code)
 
 

@@ -301,7 +301,7 @@ def evaluate(target: str, settings: EvalSettings, model: str | None = None, data
     if settings.out is not None:  # fail before the work, not after it
         from .fsutil import refuse_existing
 
-        refuse_existing(Path(settings.out), settings.force, "eval results folder")
+        refuse_existing(Path(settings.out), settings.force, "eval results folder", inputs=_inputs(t))
     recipe = t.recipe
     tokenizer = load_tokenizer(t.ref)
     rows = eval_rows(t, tokenizer, settings.limit)
@@ -361,6 +361,11 @@ def _sampling(recipe, s: EvalSettings) -> Sampling:
     return Sampling(temperature=temp, top_p=top_p, max_new_tokens=max_new, seed=s.seed)
 
 
+def _inputs(t: EvalTarget) -> tuple:
+    """What eval reads from local disk; its --out must not be, hold or lie inside any of them."""
+    return (t.ref.base, t.ref.adapter, t.recipe.data.source)
+
+
 def save(results: dict, records: list[dict], t: EvalTarget, s: EvalSettings) -> Path:
     """results.json + generations.jsonl in a new folder (<run>/eval/<time>/), renamed into place whole."""
     import json
@@ -368,7 +373,7 @@ def save(results: dict, records: list[dict], t: EvalTarget, s: EvalSettings) -> 
     from .fsutil import atomic_dir
 
     out = s.out or t.out_root / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-    with atomic_dir(Path(out), force=s.force) as tmp:
+    with atomic_dir(Path(out), s.force, "eval results folder", inputs=_inputs(t)) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
         with open(tmp / "generations.jsonl", "w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in records)

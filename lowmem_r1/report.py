@@ -163,7 +163,7 @@ def report(run_dir: str | Path | None, console=None, per_end: int = 2) -> dict[s
     rows = [r for r in read_jsonl(run.metrics) if isinstance(r, dict)]
     comps = [c for c in read_jsonl(run.completions) if isinstance(c, dict)]
     out = run.path / "report"
-    with atomic_dir(out, force=True) as tmp:
+    with atomic_dir(out, force=True, kind="report") as tmp:
         written = [out / p.name for p in plot(rows, tmp)]
         summary = {
             "run": str(run.path), "status": info.get("status"), "global_step": info.get("global_step"),

@@ -17,6 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .fsutil import check_safetensors, safetensors_problem
+
+# What a checkpoint must hold to resume from (Trainer._save_checkpoint writes them).
+CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
+                    "scheduler.pt")
 
 
 @dataclass(frozen=True)
@@ -71,38 +76,52 @@ class RunDir:
     def exists(self) -> bool:
         return self.info_file.is_file()
 
-    def checkpoint_dirs(self) -> list[Path]:
-        """Complete checkpoints, oldest first (a checkpoint is complete once renamed into place)."""
+    def checkpoint_dirs(self, complete: bool = True) -> list[Path]:
+        """Checkpoints, oldest first; by default only complete ones (see checkpoint_problem)."""
         if not self.checkpoints.is_dir():
             return []
         found = [p for p in self.checkpoints.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+        found = [p for p in found if not complete or checkpoint_problem(p) is None]
         return sorted(found, key=checkpoint_step)
+
+    def skipped_checkpoints(self) -> list[tuple[Path, str]]:
+        """Incomplete checkpoints newer than the newest complete one, with what each lacks."""
+        complete = self.checkpoint_dirs()
+        newest = checkpoint_step(complete[-1]) if complete else 0
+        return [(p, checkpoint_problem(p)) for p in self.checkpoint_dirs(complete=False)
+                if checkpoint_step(p) > newest]
 
     def latest_adapter(self) -> Path:
         """The final adapter, or else the newest checkpoint's (for a run that is still going)."""
         if (self.adapter / "adapter_config.json").is_file():
+            check_safetensors(self.adapter)
             return self.adapter
         for ckpt in reversed(self.checkpoint_dirs()):
-            if (ckpt / "adapter_config.json").is_file():
-                return ckpt
+            return ckpt
         raise UserError(f"{self.path}: no adapter yet (no adapter/ and no checkpoint); train first or wait")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    """Rows of a JSONL file; a torn last line (a run killed mid-write) is skipped."""
+def jsonl_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) of a JSONL file. A line a kill tore mid-write - cut JSON, or cut inside a UTF-8
+    character - is skipped, wherever it is, so `--resume` and `report` read what a crash left."""
     rows = []
     if not Path(path).is_file():
         return rows
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
+    with open(path, "rb") as f:
+        for raw in f:
             try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
+                line = raw.decode("utf-8").strip()
+                row = json.loads(line) if line else None
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
+            if isinstance(row, dict):
+                rows.append((line, row))
     return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file; torn lines (a run killed mid-write) are skipped."""
+    return [row for _, row in jsonl_rows(path)]
 
 
 def disk_needed(trainable: int, training) -> tuple[int, int]:
@@ -111,6 +130,14 @@ def disk_needed(trainable: int, training) -> tuple[int, int]:
     checkpoint than save_total_limit exists while the newest is being written."""
     keep = (training.save_total_limit or max(1, training.max_steps // training.save_steps)) + 1
     return int(trainable * 12 * keep + trainable * 4 + 50_000_000), keep
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why a checkpoint cannot be resumed from (a file missing, a truncated adapter), or None."""
+    for name in CHECKPOINT_FILES:
+        if not (checkpoint / name).is_file():
+            return f"no {name}"
+    return safetensors_problem(checkpoint / "adapter_model.safetensors")
 
 
 def checkpoint_step(checkpoint: Path | None) -> int:

@@ -7,41 +7,80 @@ trainer, train with checkpoints that are renamed into place, save the adapter, s
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
+import signal
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from .errors import UserError
 from .faults import maybe_fault
-from .fsutil import atomic_dir, atomic_write_json, atomic_write_text, check_free_space
+from .fsutil import (MARKER, atomic_dir, atomic_write_json, atomic_write_text, check_free_space, check_not_input,
+                     is_ours, mark, os_errors)
 from .recipe import Recipe, load_recipe, recipe_to_toml
 from .callbacks import Interrupt, MetricsLog
 from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
-from .rundir import RunDir, checkpoint_step, disk_needed
+from .rundir import RunDir, checkpoint_step, disk_needed, jsonl_rows
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_KEYS = {"logging", "output", "eval", "description"}
 
 
-def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = None, force: bool = False,
-          console=None) -> int:
+@dataclass(frozen=True)
+class Start:
+    """How a run starts, said explicitly: `new` in `run_dir` (with `force`, over an old run of ours), or
+    `resume` the run in `run_dir` from its newest complete checkpoint (with `force`, under a changed
+    recipe)."""
+
+    mode: Literal["new", "resume"]
+    run_dir: Path
+    force: bool = False
+
+    @classmethod
+    def new(cls, recipe: Recipe, force: bool = False) -> "Start":
+        return cls("new", recipe.run_dir(), force)
+
+    @classmethod
+    def resume(cls, recipe: Recipe, run_dir: str | Path | None = None, force: bool = False) -> "Start":
+        return cls("resume", Path(run_dir) if run_dir else recipe.run_dir(), force)
+
+
+def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None = None, console=None) -> int:
     """Run GRPO as the recipe says. Returns the process exit code (0 done, 130 interrupted)."""
-    from . import progress
+    from . import backends, progress
 
     console = console or progress.make_console()
-    from . import backends
-
     # First: a refused GPU setting must not leave a run directory behind; and unsloth, when chosen, is
     # imported here (select calls backend.prepare()), before anything imports trl/transformers/peft.
     backend = backends.select(recipe)
-    run, checkpoint = prepare_run_dir(recipe, resume, force)
-    started = time.time()
+    run, checkpoint = prepare_run_dir(recipe, start or Start.new(recipe))
     console.print(f"[bold]lowmem-r1[/] run [cyan]{run.path}[/] - backend [cyan]{backend.name}[/] ({backend.why})")
+    for skipped, why in run.skipped_checkpoints() if start and start.mode == "resume" else []:
+        console.print(f"[yellow]resume:[/] {skipped.name} is incomplete ({why}); resuming from "
+                      f"{checkpoint.name if checkpoint else 'the start'}")
     _warn_if_not_fit(recipe, console)
+    trainer, tokenizer, interrupt, display = build_trainer(recipe, backend, run, checkpoint, console)
 
+    with RunStatus(run, recipe, backend.name, resume_command(recipe_path, run), console, trainer) as status:
+        with interrupt.installed(console), display:
+            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+        save_adapter(trainer, tokenizer, run)
+        if interrupt.requested:
+            status.interrupted("checkpoint and adapter saved")
+        else:
+            status.completed()
+    if status.code == 0:
+        progress.print_summary(run, console)
+    return status.code
+
+
+def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None, console):
+    """Model, data, guarded rewards, TRL config -> (trainer, tokenizer, Ctrl-C handler, live display)."""
     from transformers import set_seed
+
+    from . import progress
 
     set_seed(recipe.training.seed)  # LoRA's A matrices are drawn at random: same seed, same run
     model, tokenizer = backend.load(recipe)
@@ -79,85 +118,137 @@ def train(recipe: Recipe, recipe_path: Path | None = None, resume: str | None = 
         callbacks=[MetricsLog(run.metrics), display, interrupt],
     )
     _quiet_default_printers(trainer)
-    _write_info(run, recipe, backend.name, status="running", step=checkpoint_step(checkpoint))
+    return trainer, tokenizer, interrupt, display
 
-    with interrupt.installed(console), display:
-        try:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        except RewardFailure as failure:
-            saved = save_checkpoint_now(trainer)
-            _write_info(run, recipe, backend.name, status="failed", step=trainer.state.global_step)
-            raise UserError(
-                f"{failure}\n  run stopped at step {trainer.state.global_step}; checkpoint: {saved}\n"
-                f"  fix the reward (or set on_error = \"skip\" on it), then: lowmem-r1 train {recipe_path or 'RECIPE'} "
-                f"--resume {run.path}"
-            ) from None
-        except Exception as error:
-            if not _is_out_of_memory(error):
-                raise
-            saved = _try(lambda: save_checkpoint_now(trainer))
-            _write_info(run, recipe, backend.name, status="failed", step=trainer.state.global_step)
-            raise UserError(out_of_memory_advice(recipe, trainer.state.global_step, saved, run, recipe_path)) from None
-        except KeyboardInterrupt:
-            _write_info(run, recipe, backend.name, status="interrupted", step=trainer.state.global_step)
-            last = run.checkpoint_dirs()
-            console.print(
-                f"\n[yellow]stopped now.[/] last complete checkpoint: {last[-1] if last else 'none'}\n"
-                f"resume with: lowmem-r1 train {recipe_path or 'RECIPE'} --resume {run.path}"
-            )
-            return 130
 
-    save_adapter(trainer, tokenizer, run)
-    step = trainer.state.global_step
-    if interrupt.requested:
-        _write_info(run, recipe, backend.name, status="interrupted", step=step)
-        console.print(
-            f"\n[yellow]interrupted[/] at step {step}: checkpoint and adapter saved.\n"
-            f"resume with: lowmem-r1 train {recipe_path or 'RECIPE'} --resume {run.path}"
-        )
-        return 130
-    _write_info(run, recipe, backend.name, status="completed", step=step, seconds=round(time.time() - started, 1))
-    progress.print_summary(run, console)
-    return 0
+# --------------------------------------------------------------------------------------------------
+# run.json's status for the life of a run
+
+
+class Terminated(Exception):
+    """SIGTERM arrived during training."""
+
+
+def resume_command(recipe_path, run: RunDir) -> str:
+    return f"lowmem-r1 train {recipe_path or 'RECIPE'} --resume {run.path}"
+
+
+class RunStatus:
+    """`running` in run.json while inside; on the way out `completed`, `interrupted` (Ctrl-C: exit 130)
+    or `failed` (a reward failure, out of memory, SIGTERM or any other error) with the resume command
+    - never left `running`. Failures leave a checkpoint when they can and end as one-line UserErrors."""
+
+    def __init__(self, run: RunDir, recipe: Recipe, backend: str, resume: str, console, trainer):
+        self.run, self.recipe, self.backend, self.resume = run, recipe, backend, resume
+        self.console, self.trainer = console, trainer
+        self.code = 0
+        self.started = time.time()
+        self._previous_term = None
+
+    @property
+    def step(self) -> int:
+        return self.trainer.state.global_step
+
+    def write(self, status: str, **extra) -> None:
+        _write_info(self.run, self.recipe, self.backend, status=status, step=self.step, **extra)
+
+    def __enter__(self) -> "RunStatus":
+        self.write("running", resume=self.resume)
+        self._previous_term = signal.signal(signal.SIGTERM, self._on_term)
+        return self
+
+    @staticmethod
+    def _on_term(signum, frame):
+        raise Terminated()
+
+    def interrupted(self, what: str) -> None:
+        self.write("interrupted")
+        self.console.print(f"\n[yellow]interrupted[/] at step {self.step}: {what}.\nresume with: {self.resume}")
+        self.code = 130
+
+    def completed(self) -> None:
+        self.write("completed", seconds=round(time.time() - self.started, 1))
+
+    def __exit__(self, kind, error, tb) -> bool:
+        signal.signal(signal.SIGTERM, self._previous_term or signal.SIG_DFL)
+        if error is None:
+            return False
+        if isinstance(error, KeyboardInterrupt):  # Ctrl-C twice: stop now, keep the last checkpoint
+            last = self.run.checkpoint_dirs()
+            self.interrupted(f"stopped now; last complete checkpoint: {last[-1] if last else 'none'}")
+            return True
+        if isinstance(error, RewardFailure):
+            saved = save_checkpoint_now(self.trainer)
+            reason = (f"{error}\n  run stopped at step {self.step}; checkpoint: {saved}\n"
+                      f"  fix the reward (or set on_error = \"skip\" on it), then: {self.resume}")
+        elif isinstance(error, Exception) and _is_out_of_memory(error):
+            saved = _try(lambda: save_checkpoint_now(self.trainer))
+            reason = out_of_memory_advice(self.recipe, self.step, saved, self.run, self.resume)
+        elif isinstance(error, Terminated):
+            self.write("failed", error="terminated (SIGTERM)")
+            raise UserError(f"{self.run.path}: terminated (SIGTERM) at step {self.step}; run.json marked failed; "
+                            f"resume from the last complete checkpoint with: {self.resume}", exit_code=143) from None
+        else:
+            self.write("failed", error=f"{type(error).__name__}: {error}"[:500])
+            if isinstance(error, UserError):
+                raise UserError(f"{error}\n  run marked failed at step {self.step}; after fixing: {self.resume}",
+                                exit_code=error.exit_code) from None
+            return False  # a bug: the traceback (--debug) is the useful report; run.json already says failed
+        self.write("failed", error=str(error).splitlines()[0][:500])
+        raise UserError(reason) from None
 
 
 # --------------------------------------------------------------------------------------------------
 # The run directory: new, forced over an old one, or resumed
 
 
-def prepare_run_dir(recipe: Recipe, resume: str | None, force: bool) -> tuple[RunDir, Path | None]:
-    """A new run refuses to overwrite an old one without --force; --resume finds the last checkpoint."""
-    if resume is not None:
-        run = RunDir(Path(resume) if resume else recipe.run_dir())
-        if not run.exists():
-            raise UserError(f"{run.path}: no run to resume there; start it without --resume, or name the run dir")
-        saved = load_recipe(run.recipe, check_rewards=False)
-        diff = recipe_diff(saved, recipe)
-        if diff and not force:
-            raise UserError(
-                f"{run.path}: the recipe differs from the run's saved recipe in {'; '.join(diff)}; "
-                f"resume with the same settings, or pass --force to resume anyway"
-            )
-        _clear_staging(run)
-        checkpoints = run.checkpoint_dirs()
-        checkpoint = checkpoints[-1] if checkpoints else None
-        truncate_logs(run, checkpoint_step(checkpoint))
+def prepare_run_dir(recipe: Recipe, start: Start) -> tuple[RunDir, Path | None]:
+    """A new run refuses to replace anything but an old run of ours, and that only with --force;
+    --resume finds the newest complete checkpoint."""
+    run = RunDir(start.run_dir)
+    with os_errors(run.path, "create the run directory"):
+        if start.mode == "resume":
+            return run, _prepare_resume(run, recipe, start.force)
+        check_not_input(run.path, _local_inputs(recipe), "run directory")
+        # A start that failed before training (bad data path, say) leaves only recipe.toml: reuse it.
+        leftovers = {"recipe.toml", "checkpoints", MARKER}
+        if run.path.exists() and any(p.name not in leftovers or run.checkpoint_dirs() for p in run.path.iterdir()):
+            if not is_ours(run.path, "run directory"):
+                raise UserError(f"{run.path}: holds files that are not a lowmem-r1 run; set output.dir to a new "
+                                f"folder (or move those files away)")
+            if not start.force:
+                raise UserError(
+                    f"{run.path}: already holds a run; pass --resume to continue it, --force to start a new run "
+                    f"over it, or set output.dir to another folder"
+                )
+            shutil.rmtree(run.path)
+        run.path.mkdir(parents=True, exist_ok=True)
+        mark(run.path, "run directory")
         atomic_write_text(run.recipe, recipe_to_toml(recipe))
-        return run, checkpoint
-
-    run = RunDir(recipe.run_dir())
-    # A start that failed before training (bad data path, say) leaves only recipe.toml: reuse it.
-    leftovers = {"recipe.toml", "checkpoints"}
-    if run.path.exists() and any(p.name not in leftovers or run.checkpoint_dirs() for p in run.path.iterdir()):
-        if not force:
-            raise UserError(
-                f"{run.path}: already holds a run; pass --resume to continue it, --force to start a new run "
-                f"over it, or set output.dir to another folder"
-            )
-        shutil.rmtree(run.path)
-    run.path.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run.recipe, recipe_to_toml(recipe))
     return run, None
+
+
+def _prepare_resume(run: RunDir, recipe: Recipe, force: bool) -> Path | None:
+    if not run.exists():
+        raise UserError(f"{run.path}: no run to resume there; start it without --resume, or name the run dir")
+    saved = load_recipe(run.recipe, check_rewards=False)
+    diff = recipe_diff(saved, recipe)
+    if diff and not force:
+        raise UserError(
+            f"{run.path}: the recipe differs from the run's saved recipe in {'; '.join(diff)}; "
+            f"resume with the same settings, or pass --force to resume anyway"
+        )
+    _clear_staging(run)
+    checkpoints = run.checkpoint_dirs()
+    checkpoint = checkpoints[-1] if checkpoints else None
+    truncate_logs(run, checkpoint_step(checkpoint))
+    atomic_write_text(run.recipe, recipe_to_toml(recipe))
+    return checkpoint
+
+
+def _local_inputs(recipe: Recipe) -> list[str]:
+    """What a run reads from local disk: its run directory must not be, hold, or lie inside these."""
+    return [recipe.model.name, recipe.data.source, recipe.data.eval_split]
 
 
 def recipe_diff(saved: Recipe, new: Recipe) -> list[str]:
@@ -186,19 +277,19 @@ def _flatten(d, prefix=""):
 
 
 def truncate_logs(run: RunDir, step: int) -> None:
-    """Drop log rows after the checkpoint we resume from, so every step appears exactly once."""
+    """Drop log rows after the checkpoint we resume from (and lines torn by a kill), so every step
+    appears exactly once."""
     for path in (run.metrics, run.completions):
-        if not path.is_file():
-            continue
-        kept = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line torn by a kill
-            if int(row.get("step", 0)) <= step:
-                kept.append(line)
-        atomic_write_text(path, "".join(x + "\n" for x in kept))
+        if path.is_file():
+            kept = [line for line, row in jsonl_rows(path) if _step(row) <= step]
+            atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+def _step(row: dict) -> int:
+    try:
+        return int(row.get("step", 0))
+    except (TypeError, ValueError):
+        return 0
 
 
 def _clear_staging(run: RunDir) -> None:
@@ -332,7 +423,7 @@ def _try(fn):
         return None
 
 
-def out_of_memory_advice(recipe: Recipe, step: int, saved, run: RunDir, recipe_path) -> str:
+def out_of_memory_advice(recipe: Recipe, step: int, saved, run: RunDir, resume: str) -> str:
     """What to lower, with the plan's figures when it can make them (GPU OOM)."""
     t, g, m = recipe.training, recipe.generation, recipe.model
     lines = [
@@ -355,7 +446,7 @@ def out_of_memory_advice(recipe: Recipe, step: int, saved, run: RunDir, recipe_p
         )
     except Exception:
         pass
-    lines.append(f"  then: lowmem-r1 train {recipe_path or 'RECIPE'} --resume {run.path} --force --set ...")
+    lines.append(f"  then: {resume} --force --set ...")
     return "\n".join(lines)
 
 
@@ -373,6 +464,6 @@ def save_checkpoint_now(trainer) -> Path:
 
 
 def save_adapter(trainer, tokenizer, run: RunDir) -> None:
-    with atomic_dir(run.adapter, force=True) as tmp:
+    with atomic_dir(run.adapter, force=True, kind="adapter") as tmp:
         trainer.model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

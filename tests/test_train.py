@@ -86,28 +86,28 @@ def test_adapter_changes_the_model(trained_run, base_model_dir):
 
 
 def test_existing_run_is_kept_without_force(trained_run):
-    from lowmem_r1.train import prepare_run_dir
+    from lowmem_r1.train import Start, prepare_run_dir
 
     recipe = recipe_from_dict(tiny(trained_run.path))
     with pytest.raises(UserError, match="--resume") as e:
-        prepare_run_dir(recipe, resume=None, force=False)
+        prepare_run_dir(recipe, Start.new(recipe))
     assert str(trained_run.path) in str(e.value)
     assert trained_run.adapter.is_dir()
 
 
 def test_resume_refuses_changed_recipe(trained_run):
-    from lowmem_r1.train import prepare_run_dir
+    from lowmem_r1.train import Start, prepare_run_dir
 
     changed = recipe_from_dict(tiny(trained_run.path, learning_rate=5e-4))
     with pytest.raises(UserError, match="training.learning_rate"):
-        prepare_run_dir(changed, resume="", force=False)
+        prepare_run_dir(changed, Start.resume(changed))
 
 
 def test_resume_with_nothing_to_resume(tmp_path):
-    from lowmem_r1.train import prepare_run_dir
+    from lowmem_r1.train import Start, prepare_run_dir
 
     with pytest.raises(UserError, match="no run to resume"):
-        prepare_run_dir(recipe_from_dict(tiny(tmp_path / "none")), resume="", force=False)
+        prepare_run_dir(recipe_from_dict(tiny(tmp_path / "none")), Start("resume", tmp_path / "none"))
 
 
 def test_failing_user_reward_stops_cleanly(tmp_path, base_model_dir):
@@ -146,23 +146,23 @@ def test_failing_user_reward_stops_cleanly(tmp_path, base_model_dir):
 def test_out_of_memory_advice_names_the_settings_to_lower():
     import torch
 
-    from lowmem_r1.train import _is_out_of_memory, out_of_memory_advice
+    from lowmem_r1.train import _is_out_of_memory, out_of_memory_advice, resume_command
 
     assert _is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert not _is_out_of_memory(ValueError("x"))
     recipe = recipe_from_dict(tiny(Path("runs/x")))
-    text = out_of_memory_advice(recipe, 4, None, RunDir(Path("runs/x")), "r.toml")
+    text = out_of_memory_advice(recipe, 4, None, RunDir(Path("runs/x")), resume_command("r.toml", RunDir(Path("runs/x"))))
     for key in ("training.num_generations = 2", "generation.max_completion_length = 8",
                 "gpu_memory_utilization", "--resume runs/x"):
         assert key in text, key
 
 
 def test_a_start_that_failed_before_training_does_not_block_the_next(tmp_path):
-    from lowmem_r1.train import prepare_run_dir
+    from lowmem_r1.train import Start, prepare_run_dir
 
     recipe = recipe_from_dict(tiny(tmp_path / "r"))
-    prepare_run_dir(recipe, resume=None, force=False)  # e.g. then the data path turned out wrong
-    prepare_run_dir(recipe, resume=None, force=False)  # the retry is not asked for --force
+    prepare_run_dir(recipe, Start.new(recipe))  # e.g. then the data path turned out wrong
+    prepare_run_dir(recipe, Start.new(recipe))  # the retry is not asked for --force
     (tmp_path / "r" / "run.json").write_text("{}")
     with pytest.raises(UserError, match="already holds a run"):
-        prepare_run_dir(recipe, resume=None, force=False)
+        prepare_run_dir(recipe, Start.new(recipe))

@@ -172,7 +172,7 @@ def write_countdown(out: Path, n: int, seed: int = 0, force: bool = False, **par
     from ..fsutil import atomic_write_text, refuse_existing
 
     out = Path(out)
-    refuse_existing(out, force)
+    refuse_existing(out, force, "countdown data")
     rows = countdown(**_params("countdown", COUNTDOWN_DEFAULTS, {"n": n, "seed": seed, **params}, seed))
     atomic_write_text(out, "".join(json.dumps(r) + "\n" for r in rows))
     return len(rows)

@@ -69,7 +69,7 @@ def merge(target: str | Path | None = None, base: str | None = None, out: Path |
     Everything is written into a temporary folder and renamed into place at the end."""
     job = prepare(target, base, out, dtype, gguf, ollama, force, log)
     reference = ReferenceOutputs()  # the merged model's probe outputs, shared by every check below
-    with atomic_dir(job.out, force) as tmp:
+    with atomic_dir(job.out, force, "merged model", inputs=(job.src.adapter, job.src.base)) as tmp:
         result = merge_and_check(job, tmp, verify, reference, log)
         result.ggufs = export_ggufs(job, tmp, verify, reference, log)
         if ollama:
@@ -90,7 +90,7 @@ def prepare(target, base, out, dtype, gguf, ollama: bool, force: bool, log) -> M
     src = resolve_source(target, base)
     use_16bit_original(src, log)
     out = Path(out) if out else src.default_out
-    refuse_existing(out, force, "merged model")
+    refuse_existing(out, force, "merged model", inputs=(src.adapter, src.base))
     base_dir = local_model_dir(src.base)
     cfg = check_base(base_dir)
     job = MergeJob(src, base_dir, read_adapter(src.adapter), out, target_dtype(dtype, cfg), gguf_types)
