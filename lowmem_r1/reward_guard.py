@@ -9,6 +9,7 @@ completion that broke it and the user's traceback) or, with `on_error = "skip"`,
 from __future__ import annotations
 
 import json
+import math
 import random
 import traceback
 from pathlib import Path
@@ -21,6 +22,10 @@ from .rewards.extract import prompt_text as _prompt_text
 
 class RewardFailure(Exception):
     """A reward raised during training; the message is ready to show the user."""
+
+
+class BadRewardValues(ValueError):
+    """A reward returned something that is not one finite number (or None) per completion."""
 
 
 def prompt_text(prompt) -> str:
@@ -62,9 +67,7 @@ def _guard(func, name: str, on_error: str, recorder: "RewardRecorder", index: in
     def reward(prompts=None, completions=None, **kwargs):
         n = len(completions or [])
         try:
-            values = list(func(prompts=prompts, completions=completions, **kwargs))
-            if len(values) != n:
-                raise ValueError(f"returned {len(values)} values for {n} completions (TRL needs one per completion)")
+            values = check_values(func(prompts=prompts, completions=completions, **kwargs), n)
         except Exception as error:
             if on_error == "skip":
                 log = kwargs.get("log_metric")
@@ -88,8 +91,33 @@ def _guard(func, name: str, on_error: str, recorder: "RewardRecorder", index: in
     return reward
 
 
+def check_values(result, n: int) -> list:
+    """A reward's result as TRL needs it: a list of n finite numbers (None: not applicable); anything
+    else (strings, NaN, a wrong length, a bare number) is the reward's error."""
+    if isinstance(result, (str, bytes, dict)) or not hasattr(result, "__iter__"):
+        raise BadRewardValues(f"returned {type(result).__name__} {_short(repr(result), 60)}; a reward returns a list "
+                        f"with one float per completion")
+    values = list(result)
+    if len(values) != n:
+        raise BadRewardValues(f"returned {len(values)} values for {n} completions (TRL needs one per completion)")
+    for i, v in enumerate(values):
+        if v is None:
+            continue
+        try:
+            ok = not isinstance(v, (str, bytes)) and math.isfinite(float(v))
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise BadRewardValues(f"value {i} is {_short(repr(v), 60)}; each value must be a finite number (or None)")
+        values[i] = float(v)
+    return values
+
+
 def _describe(name, func, error, prompts, completions, kwargs) -> str:
     """Find the first completion that breaks the reward on its own, to show it."""
+    if isinstance(error, BadRewardValues):
+        return (f"reward '{name}' {error}; make it return a list of floats, one per completion (None: not "
+                f"applicable), or set on_error = \"skip\" on it")
     culprit = None
     for i in range(min(len(completions or []), 64)):
         one = {k: [v[i]] if isinstance(v, list) and len(v) == len(completions) else v for k, v in kwargs.items()}

@@ -40,6 +40,20 @@ def load_source(data, split: str):
     return _load(source, data.config, split, f"data.source {source}")
 
 
+def check_local(data) -> None:
+    """Instant checks of data.source / data.eval_split (recipe validation, --dry-run): a local path that
+    does not exist or has a type we cannot read fails here, not after the model loaded."""
+    for key, source in (("data.source", data.source), ("data.eval_split", data.eval_split)):
+        if source is None or source.startswith("builtin:") or (key == "data.eval_split" and not _looks_local(source)):
+            continue
+        path = Path(source).expanduser()
+        if path.is_file() and path.suffix.lower() not in FILE_BUILDERS:
+            raise UserError(f"{key}: {path}: unsupported file type {path.suffix!r}; use one of {', '.join(FILE_BUILDERS)}")
+        if not path.exists() and _looks_local(source) and (key == "data.source" or Path(source).suffix):
+            raise UserError(f"{key}: {source} not found; pass an existing file or folder "
+                            f"({', '.join(FILE_BUILDERS)}), a hub id like openai/gsm8k, or builtin:countdown")
+
+
 def load_file(path: str | Path):
     """One local file (jsonl, json, parquet, csv): all its rows."""
     path = Path(path).expanduser()
@@ -66,6 +80,11 @@ def _load(name: str, config: str | None, split: str, what: str, **kwargs):
                 from None
         raise UserError(f"{what}: cannot load it ({e}); check data.source and data.config") from None
     except Exception as e:  # network, missing hub id, malformed file: all fixable by the user
+        if "data_files" in kwargs or Path(name).exists():  # a local file or folder: not the network's fault
+            while e.__cause__ is not None or e.__context__ is not None:  # the parser's own words
+                e = e.__cause__ or e.__context__
+            raise UserError(f"{what}: cannot read it ({' '.join(str(e).split())[:200]}); fix or replace the file "
+                            f"(one JSON object per line for .jsonl)") from None
         raise UserError(
             f"{what}: cannot load it ({type(e).__name__}: {' '.join(str(e).split())[:300]}); check the id, config and your network "
             f"(offline? download it once or point data.source at a local file)"

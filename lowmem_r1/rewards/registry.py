@@ -86,7 +86,26 @@ def check(name: str, params: dict[str, Any]) -> RewardSpec:
         raise UserError(
             f"reward '{name}' needs parameter {missing[0]!r}; add {missing[0]} = ... to its table"
         )
+    for key, value in params.items():
+        _check_type(name, key, value, spec.params[key])
+    try:  # factories are cheap and validate their values (unknown modes, ranges): try one now
+        spec.factory(**{**{k: v for k, v in spec.params.items() if v is not REQUIRED}, **params})
+    except (TypeError, ValueError) as e:
+        raise UserError(f"reward '{name}': bad parameters ({e})") from None
     return spec
+
+
+def _check_type(name: str, key: str, value: Any, default: Any) -> None:
+    """A parameter given in a recipe has its default's type (an int where a float goes is fine)."""
+    if default is REQUIRED or default is None or value is None:
+        return
+    want = type(default)
+    ok = isinstance(value, want) and (want is bool or not isinstance(value, bool))
+    if want is float and isinstance(value, int) and not isinstance(value, bool):
+        ok = True
+    if not ok:
+        raise UserError(f"reward '{name}': {key} = {value!r} is {type(value).__name__}, expected {want.__name__} "
+                        f"(default {default!r}); fix its value in the [[rewards]] table")
 
 
 def build(name: str, **params: Any) -> RewardFunc:
