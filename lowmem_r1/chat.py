@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from .errors import printable
 from .inference import Generator, ModelRef, Sampling, load_generator, resolve_ref
 
 REASONING_OPEN = ("<think>", "<reasoning>")
@@ -19,7 +20,7 @@ REASONING_CLOSE = ("</think>", "</reasoning>")
 ANSWER_TAGS = ("<answer>", "</answer>")
 _TAGS = REASONING_OPEN + REASONING_CLOSE + ANSWER_TAGS
 
-HELP = "/reset  clear the conversation   /system TEXT  set the system prompt   /think on|off  show reasoning   /exit"
+HELP = "/reset  clear the conversation   /system TEXT  set the system prompt   /think [on|off]  show reasoning   /exit"
 
 
 class ReasoningSplitter:
@@ -229,12 +230,10 @@ def repl(conv: Conversation, opts: ChatOptions, stdin: IO[str], console, other: 
     tty = stdin.isatty() if hasattr(stdin, "isatty") else False
     console.print(Text(f"chatting with {conv.gen.ref.label}  ({HELP})", style="dim"))
     while True:
-        if tty:
-            console.print(Text("you> ", style="bold"), end="")
-        line = stdin.readline()
-        if not line:
+        line = read_line(stdin, tty, console)
+        if line is None:
             break
-        line = line.strip()
+        line = printable(line.strip())
         if not line:
             continue
         if line.startswith("/"):
@@ -251,8 +250,8 @@ def repl(conv: Conversation, opts: ChatOptions, stdin: IO[str], console, other: 
                     c.system = arg or None
                     c.reset()
                 console.print(Text(f"(system prompt {'set' if arg else 'removed'}; conversation cleared)", style="dim"))
-            elif cmd == "/think" and arg in ("on", "off"):
-                opts.think = arg == "on"
+            elif cmd == "/think" and arg in ("on", "off", ""):
+                opts.think = arg == "on" if arg else not opts.think
                 console.print(Text(f"(reasoning {'shown' if opts.think else 'hidden'})", style="dim"))
             else:
                 console.print(Text(f"unknown command {line!r}; {HELP}", style="yellow"))
@@ -265,6 +264,28 @@ def repl(conv: Conversation, opts: ChatOptions, stdin: IO[str], console, other: 
         except KeyboardInterrupt:  # stop this answer, keep the session
             console.print(Text("\n(interrupted)", style="dim"))
     return 0
+
+
+def read_line(stdin: IO[str], tty: bool, console) -> str | None:
+    """One line of input, None at its end. At a terminal Python's readline gives line editing and
+    history (arrow keys edit the line instead of reaching the model as escape codes), and Ctrl-D ends
+    the prompt's line before leaving."""
+    if tty and stdin is sys.stdin:
+        try:
+            import readline  # noqa: F401  (input() uses it once imported)
+        except ImportError:  # Windows without pyreadline: plain input()
+            pass
+        try:
+            return input("you> ")
+        except EOFError:
+            console.print()
+            return None
+    if tty:
+        console.print("you> ", end="")
+    line = stdin.readline()
+    if not line and tty:
+        console.print()
+    return line or None
 
 
 def _stream_turn(console, conv: Conversation, user: str, opts: ChatOptions) -> None:

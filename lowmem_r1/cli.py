@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from .errors import UserError
+from .errors import UserError, printable
 
 app = typer.Typer(
     name="lowmem-r1",
@@ -196,10 +196,10 @@ def merge(
     ),
     base: Optional[str] = typer.Option(None, "--base", help="Base model (default: the one the run recorded)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output folder (default: RUN_DIR/merged)."),
-    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32 (default: the base's dtype)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16 | fp16 | fp32, or bfloat16 | float16 | float32 (default: the base's dtype)."),
     gguf: Optional[List[str]] = typer.Option(
-        None, "--gguf", help="Also write GGUF files: f16,bf16,f32,q8_0 (pure Python); q4_k_m,q5_k_m,q6_k "
-        "need llama-quantize on PATH. Comma-separated or repeated."
+        None, "--gguf", help="Also write GGUF files: f16,bf16,f32,q8_0,q4_0,q4_1,q5_0,q5_1 (pure Python); "
+        "q2_k,q3_k_m,q4_k_s,q4_k_m,q5_k_s,q5_k_m,q6_k need llama-quantize on PATH. Comma-separated or repeated."
     ),
     ollama: bool = typer.Option(False, "--ollama", help="Write an Ollama Modelfile next to the GGUF."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
@@ -310,7 +310,7 @@ def main() -> None:
     except UserError as e:
         if _DEBUG:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -321,7 +321,7 @@ def main() -> None:
         if _DEBUG:
             raise
         where = f"{e.filename}: " if e.filename else ""
-        print(f"error: {where}{e.strerror or e}; check the path and its permissions, or choose another one",
+        print(f"error: {printable(where)}{printable(e.strerror or e)}; check the path and its permissions, or choose another one",
               file=sys.stderr)
         sys.exit(2)
     except Exception as e:
@@ -330,7 +330,7 @@ def main() -> None:
             sys.exit(2)
         if _DEBUG:
             raise
-        print(f"error: {type(e).__name__}: {e} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"error: {type(e).__name__}: {printable(e)} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
 
 

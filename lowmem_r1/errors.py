@@ -11,3 +11,12 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]}
+
+
+def printable(text: str) -> str:
+    """`text` safe to show on a terminal: control bytes (escape sequences, bells, backspaces from a
+    binary file or a stray keypress) are written as \\xNN instead of acting on the terminal."""
+    return str(text).translate(_CONTROL)

@@ -94,6 +94,11 @@ def resolve_target(target: str, model: str | None = None, data: str | None = Non
         is_trained = ref.run_dir is not None and ref.run_dir.resolve() == trained.resolve()
         out_root = trained / "eval" if is_trained else Path("runs") / "eval"
     else:
+        from .models import is_hub_id
+
+        if not path.exists() and not is_hub_id(target) and not target.startswith("builtin:"):
+            raise UserError(f"eval {target}: no such run directory, recipe or model; pass the RUN_DIR that "
+                            f"`lowmem-r1 train` wrote, a recipe .toml, or a model with --data and --task")
         if not (data and task):
             raise UserError(
                 f"eval {target}: a model needs --data FILE --task TASK (or pass a run directory or a recipe)"
@@ -109,7 +114,11 @@ def resolve_target(target: str, model: str | None = None, data: str | None = Non
         if rewards or recipe is None or recipe.data.task != task:  # another task needs its own rewards
             names = rewards or DEFAULT_REWARDS.get(task, ["answer_match"])
             raw["rewards"] = [{"name": n} for n in names]
-        recipe = recipe_from_dict(raw, source=f"--data {data} --task {task}")
+        try:
+            recipe = recipe_from_dict(raw, source="eval")
+        except UserError as e:  # name the flags the user typed, not the recipe keys they fill
+            message = str(e).replace("data.source", "--data").replace("data.task", "--task")
+            raise UserError(message.replace("rewards[", "--reward [")) from None
         return EvalTarget(recipe, ref, out_root, rows_from="train")
     if rewards:
         raw = recipe.model_dump(mode="json", exclude_none=True)

@@ -63,22 +63,16 @@ def resolve_ref(name: str | Path | None, root: Path = Path("runs")) -> ModelRef:
     """A ModelRef for a run dir, an adapter folder, a merged folder, a .gguf, a hub id or an alias;
     None means the newest run or merged model under `root`."""
     from .models import resolve_model
-    from .rundir import RunDir
+    from .rundir import find_trained
 
     if name is None:
         name = newest_model(root)
-    path = Path(name).expanduser()
-    if path.is_dir() and (path / "run.json").is_file():
-        run = RunDir(path)
-        info = run.info()
-        return ModelRef(resolve_model(run.base_model()), run.latest_adapter(), path, str(path), bool(info.get("load_in_4bit")))
-    if path.is_dir() and (path / "adapter_config.json").is_file():
-        cfg = json.loads((path / "adapter_config.json").read_text())
-        base = cfg.get("base_model_name_or_path")
-        if not base:
-            raise UserError(f"{path}/adapter_config.json: no base_model_name_or_path; pass the run directory")
-        return ModelRef(resolve_model(base), path, None, str(path))
-    return ModelRef(resolve_model(str(name)), None, None, str(name))
+    trained = find_trained(name)
+    if trained is None:
+        return ModelRef(resolve_model(str(name)), None, None, str(name))
+    if not trained.base:
+        raise UserError(f"{trained.adapter}/adapter_config.json: no base_model_name_or_path; pass the run directory")
+    return ModelRef(resolve_model(trained.base), trained.adapter, trained.run_dir, str(name), trained.load_in_4bit)
 
 
 def newest_model(root: Path = Path("runs")) -> Path:

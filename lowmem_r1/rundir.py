@@ -101,6 +101,39 @@ class RunDir:
         raise UserError(f"{self.path}: no adapter yet (no adapter/ and no checkpoint); train first or wait")
 
 
+@dataclass(frozen=True)
+class Trained:
+    """A LoRA adapter to load or merge and the base it was trained on (a name, resolved by the caller;
+    "" when an adapter folder does not record it)."""
+
+    adapter: Path
+    base: str
+    run_dir: Path | None = None
+    backend: str = "hf"
+    load_in_4bit: bool = False
+
+
+def find_trained(target: str | Path) -> Trained | None:
+    """The one resolver of trained weights that `merge`, `chat` and `eval` share: a run directory (its
+    final adapter, else its newest complete checkpoint) or an adapter folder; None for anything else
+    (a model folder, a hub id)."""
+    path = Path(target).expanduser()
+    run = RunDir(path)
+    if path.is_dir() and run.exists():
+        info = run.info()
+        return Trained(run.latest_adapter(), run.base_model(), path, info.get("backend", "hf"),
+                       bool(info.get("load_in_4bit")))
+    config = path / "adapter_config.json"
+    if path.is_dir() and config.is_file():
+        check_safetensors(path)
+        try:
+            base = json.loads(config.read_text(encoding="utf-8")).get("base_model_name_or_path") or ""
+        except (ValueError, AttributeError):
+            raise UserError(f"{config}: unreadable; the adapter folder is damaged") from None
+        return Trained(path, base)
+    return None
+
+
 def jsonl_rows(path: Path) -> list[tuple[str, dict]]:
     """(line, row) of a JSONL file. A line a kill tore mid-write - cut JSON, or cut inside a UTF-8
     character - is skipped, wherever it is, so `--resume` and `report` read what a crash left."""

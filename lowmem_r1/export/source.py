@@ -1,5 +1,6 @@
 """What to merge: the adapter (a run directory's, or an adapter folder), the 16-bit base it goes onto,
-and where the result goes by default. Run directories are read through rundir.RunDir, model names
+and where the result goes by default. Run directories and adapter folders are read through
+rundir.find_trained (the resolver chat and eval share), model names
 through models.resolve_model: this module only decides which of them a merge uses.
 
 Always onto the base as stored on disk (16/32-bit), never onto a dequantized 4-bit copy: a run trained
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from ..errors import UserError
 from ..models import is_hub_id, resolve_model
-from ..rundir import RunDir, newest_run
+from ..rundir import find_trained, newest_run
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
@@ -43,20 +44,15 @@ def resolve_source(target: str | Path | None = None, base: str | None = None) ->
     path = Path(target) if target else newest_run()
     if not path.exists():
         raise UserError(f"{path}: no such run directory or adapter folder")
-    run = RunDir(path)
-    if run.exists():
-        info = run.info()
-        adapter = run.latest_adapter()
-        return MergeSource(adapter, resolve_model(base or run.base_model()), path, info.get("backend", "hf"),
-                           bool(info.get("load_in_4bit")), path / "merged")
-    if (path / "adapter_config.json").is_file():
-        if base is None:
-            base = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if not base:
-                raise UserError(f"{path}/adapter_config.json: no base_model_name_or_path; pass --base MODEL")
-        return MergeSource(path, resolve_model(base), None, "hf", False, path.with_name(path.name + "-merged"))
-    raise UserError(f"{path}: neither a run directory (run.json) nor an adapter folder (adapter_config.json); "
-                    "point at runs/<name> or at a folder holding adapter_config.json")
+    found = find_trained(path)
+    if found is None:
+        raise UserError(f"{path}: neither a run directory (run.json) nor an adapter folder (adapter_config.json); "
+                        "point at runs/<name> or at a folder holding adapter_config.json")
+    if not (base or found.base):
+        raise UserError(f"{path}/adapter_config.json: no base_model_name_or_path; pass --base MODEL")
+    out = path / "merged" if found.run_dir else path.with_name(path.name + "-merged")
+    return MergeSource(found.adapter, resolve_model(base or found.base), found.run_dir, found.backend,
+                       found.load_in_4bit, out)
 
 
 def use_16bit_original(src: MergeSource, log: Callable[[str], None]) -> None:

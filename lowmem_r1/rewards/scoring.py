@@ -363,12 +363,21 @@ def read_completion(text: str | None, file: str | None) -> str:
         raise UserError("rewards score: give the completion as TEXT or --file PATH (one of them)")
     if text is not None:
         return text.replace("\\n", "\n").replace("\\t", "\t")
-    if file == "-":
-        return sys.stdin.read()
     path = Path(file)
-    if not path.is_file():
+    if file != "-" and path.is_dir():
+        raise UserError(f"--file {file}: a folder; pass a text file holding one completion")
+    if file != "-" and not path.is_file():
         raise UserError(f"--file {file}: not found; pass a text file holding one completion")
-    return path.read_text(encoding="utf-8", errors="replace")
+    stdin = getattr(sys.stdin, "buffer", None)
+    data = (stdin.read() if stdin else sys.stdin.read().encode()) if file == "-" else path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        raise UserError(f"--file {'stdin' if file == '-' else file}: binary data, not UTF-8 text; pass a text file "
+                        f"holding one completion")
+    return text
 
 
 def parse_columns(items: list[str] | None) -> dict:
