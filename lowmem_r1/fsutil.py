@@ -77,9 +77,8 @@ def refuse_existing(path: Path, force: bool, what: str = "output", inputs: Itera
     output of the same kind (`what`) that lowmem-r1 wrote; an input is never replaced."""
     path = Path(path)
     check_not_input(path, inputs, what)
+    check_writable(path)
     if not (path.exists() or path.is_symlink()):
-        if path.parent.exists() and not path.parent.is_dir():
-            raise UserError(f"{path}: {path.parent} is a file, not a folder; choose another output path")
         return
     if not is_ours(path, what):
         found = "a file" if path.is_file() else "a folder" if path.is_dir() else "something"
@@ -87,6 +86,23 @@ def refuse_existing(path: Path, force: bool, what: str = "output", inputs: Itera
                         f"replaces an output of the same kind written by lowmem-r1. Choose another path")
     if not force:
         raise UserError(f"{path}: {what} already exists; pass --force to replace it, or choose another path")
+
+
+def check_writable(path: Path) -> None:
+    """Refuse, before any work, an output whose nearest existing folder is a file, on a read-only or
+    virtual filesystem (/proc, /sys), or not writable by us."""
+    path = Path(path).expanduser()
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"{path}: {parent} is a file, not a folder; choose another output path")
+    st = os.statvfs(parent)
+    why = ("a read-only filesystem" if st.f_flag & os.ST_RDONLY else
+           "a virtual filesystem (like /proc)" if st.f_blocks == 0 else
+           "a folder you cannot write to" if not os.access(parent, os.W_OK) else None)
+    if why:
+        raise UserError(f"{path}: {parent} is on {why}; choose a writable location (another --out / output.dir)")
 
 
 def mark(folder: Path, kind: str) -> None:

@@ -198,12 +198,12 @@ class Recipe(Section):
                 f"only builtin:arithmetic and builtin:countdown take generator parameters, not "
                 f"data.source = {self.data.source!r}; remove data.generator or use a builtin source",
             )
-        if self.data.max_prompt_length + g.max_completion_length > self.model.max_seq_length:
-            raise _Combination(
+        if self.model.fast_inference and self.data.max_prompt_length + g.max_completion_length > self.model.max_seq_length:
+            raise _Combination(  # vLLM's max_model_len is max_seq_length: a longer sequence is refused there
                 "generation.max_completion_length",
                 f"data.max_prompt_length {self.data.max_prompt_length} + generation.max_completion_length "
-                f"{g.max_completion_length} is longer than model.max_seq_length = {self.model.max_seq_length}; "
-                f"lower one of them or raise model.max_seq_length",
+                f"{g.max_completion_length} is longer than model.max_seq_length = {self.model.max_seq_length}, "
+                f"vLLM's limit with fast_inference; lower one of them or raise model.max_seq_length",
             )
         if not self.rewards:
             raise _Combination("rewards", "the recipe has no [[rewards]]: add at least one reward table")
@@ -236,6 +236,8 @@ class _Combination(ValueError):
 def load_recipe(path: str | Path, overrides: list[str] | None = None, check_rewards: bool = True) -> Recipe:
     """Read a TOML recipe, apply `section.key=value` overrides, validate everything."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: a folder, not a recipe; pass the path of a .toml file (see recipes/)")
     if not path.is_file():
         raise UserError(f"{path}: recipe not found; pass the path of a .toml file (see recipes/)")
     try:
@@ -299,19 +301,26 @@ def _check_int64(node: Any, source: str, key: str = "") -> None:
 
 def check_model_sizes(recipe: Recipe, source: str) -> None:
     """Settings that cannot work with this model, from its config.json when it is a local folder (or the
-    builtin's cached one): a LoRA rank above the hidden size."""
+    builtin's cached one): a LoRA rank above the hidden size, a sequence longer than its positions."""
     from .models import BUILTINS, cache_dir
 
     name = recipe.model.name
     folder = cache_dir() / "models" / name.split(":", 1)[1] if name in BUILTINS else Path(name).expanduser()
     try:
         cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        hidden = int((cfg.get("text_config") or cfg).get("hidden_size"))
-    except (OSError, ValueError, TypeError, AttributeError):
+        cfg = cfg.get("text_config") or cfg
+    except (OSError, ValueError, AttributeError):
         return  # a hub id, or not converted yet: the load says it
-    if recipe.lora.r > hidden:
+    hidden, positions = cfg.get("hidden_size"), cfg.get("max_position_embeddings")
+    if isinstance(hidden, int) and recipe.lora.r > hidden:
         raise UserError(f"{source}: lora.r = {recipe.lora.r} is above {name}'s hidden size {hidden}; a LoRA rank "
                         f"cannot exceed it: lower lora.r (8-64 is usual)")
+    longest = recipe.data.max_prompt_length + recipe.generation.max_completion_length
+    if isinstance(positions, int) and longest > positions:
+        raise UserError(f"{source}: generation.max_completion_length: data.max_prompt_length "
+                        f"{recipe.data.max_prompt_length} + max_completion_length "
+                        f"{recipe.generation.max_completion_length} = {longest} tokens is longer than {name} can "
+                        f"read (max_position_embeddings {positions}); lower them")
 
 
 def check_recipe_rewards(recipe: Recipe, source: str) -> None:
