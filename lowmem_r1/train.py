@@ -125,8 +125,9 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
 # run.json's status for the life of a run
 
 
-class Terminated(Exception):
-    """SIGTERM arrived during training."""
+class Terminated(BaseException):
+    """SIGTERM arrived during training (a BaseException, like KeyboardInterrupt, so that no `except
+    Exception` on the way - a reward guard, a library - mistakes it for an error of its own)."""
 
 
 def resume_command(recipe_path, run: RunDir) -> str:

@@ -101,14 +101,42 @@ def test_ctrl_c_checkpoints_then_resume_matches_uninterrupted(tmp_path, referenc
     assert max_diff(adapter_tensors(run / "adapter"), reference) < 1e-6
 
 
+def tear_last_lines(run: RunDir) -> None:
+    """What a kill mid-write leaves: a last line cut inside a UTF-8 character."""
+    for path in (run.metrics, run.completions):
+        with open(path, "ab") as f:
+            f.write('{"step": 99, "completion": "caf\u00e9 \u8ba1'.encode()[:-1])
+
+
+def test_sigterm_marks_failed_then_resume_past_a_torn_line(tmp_path, reference):
+    run = tmp_path / "term"
+    recipe = write_recipe(tmp_path, run)
+    out = train(recipe, fault="generation:2:SIGTERM")
+    assert out.returncode == 143, out.stderr[-3000:]
+    assert "SIGTERM" in out.stderr and f"--resume {run}" in out.stderr and "Traceback" not in out.stderr
+    r = RunDir(run)
+    assert r.info()["status"] == "failed" and "--resume" in r.info()["resume"]
+    tear_last_lines(r)
+    report = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "report", str(run), "--samples", "0"],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert report.returncode == 0, report.stderr[-2000:]
+    out = train(recipe, "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    check_finished(r)
+    assert max_diff(adapter_tensors(run / "adapter"), reference) < 1e-6
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("fault", ["generation:2:SIGKILL", "optimizer:3:SIGKILL", "save:2:SIGKILL",
-                                   "generation:3:SIGINT,generation:3:SIGINT"])
+                                   "generation:3:SIGINT,generation:3:SIGINT", "optimizer:3:SIGTERM",
+                                   "save:2:SIGTERM"])
 def test_kill_anywhere_then_resume(tmp_path, reference, fault):
     run = tmp_path / "kill"
     recipe = write_recipe(tmp_path, run)
     out = train(recipe, fault=fault)
-    assert out.returncode in (-9, 130), (out.returncode, out.stderr[-3000:])
+    assert out.returncode in (-9, 130, 143), (out.returncode, out.stderr[-3000:])
+    assert RunDir(run).info()["status"] != "running" or out.returncode == -9
+    tear_last_lines(RunDir(run))
     r = RunDir(run)
     check_checkpoints_load(r)  # whatever is left behind loads
     out = train(recipe, "--resume")
