@@ -13,7 +13,7 @@ class UserError(Exception):
         self.exit_code = exit_code
 
 
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), 0x7F]}
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x09), *range(0x0B, 0x20), 0x7F]}
 
 
 def printable(text: str) -> str:

@@ -15,12 +15,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from .callbacks import Interrupt, MetricsLog
 from .errors import UserError
 from .faults import maybe_fault
-from .fsutil import (MARKER, atomic_dir, atomic_write_json, atomic_write_text, check_free_space, check_not_input,
-                     is_ours, mark, os_errors)
+from .fsutil import (
+    MARKER,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    check_free_space,
+    check_not_input,
+    is_ours,
+    mark,
+    os_errors,
+)
 from .recipe import Recipe, load_recipe, recipe_to_toml
-from .callbacks import Interrupt, MetricsLog
 from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
 from .rundir import RunDir, checkpoint_step, disk_needed, jsonl_rows
 
@@ -39,11 +48,11 @@ class Start:
     force: bool = False
 
     @classmethod
-    def new(cls, recipe: Recipe, force: bool = False) -> "Start":
+    def new(cls, recipe: Recipe, force: bool = False) -> Start:
         return cls("new", recipe.run_dir(), force)
 
     @classmethod
-    def resume(cls, recipe: Recipe, run_dir: str | Path | None = None, force: bool = False) -> "Start":
+    def resume(cls, recipe: Recipe, run_dir: str | Path | None = None, force: bool = False) -> Start:
         return cls("resume", Path(run_dir) if run_dir else recipe.run_dir(), force)
 
 
@@ -55,9 +64,10 @@ def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None =
     # First: a refused GPU setting must not leave a run directory behind; and unsloth, when chosen, is
     # imported here (select calls backend.prepare()), before anything imports trl/transformers/peft.
     backend = backends.select(recipe)
-    run, checkpoint = prepare_run_dir(recipe, start or Start.new(recipe))
+    start = start or Start.new(recipe)
+    run, checkpoint = prepare_run_dir(recipe, start)
     console.print(f"[bold]lowmem-r1[/] run [cyan]{run.path}[/] - backend [cyan]{backend.name}[/] ({backend.why})")
-    for skipped, why in run.skipped_checkpoints() if start and start.mode == "resume" else []:
+    for skipped, why in run.skipped_checkpoints() if start.mode == "resume" else []:
         console.print(f"[yellow]resume:[/] {skipped.name} is incomplete ({why}); resuming from "
                       f"{checkpoint.name if checkpoint else 'the start'}")
     _warn_if_not_fit(recipe, console)
@@ -153,7 +163,7 @@ class RunStatus:
     def write(self, status: str, **extra) -> None:
         _write_info(self.run, self.recipe, self.backend, status=status, step=self.step, **extra)
 
-    def __enter__(self) -> "RunStatus":
+    def __enter__(self) -> RunStatus:
         self.write("running", resume=self.resume)
         self._previous_term = signal.signal(signal.SIGTERM, self._on_term)
         return self

@@ -12,13 +12,18 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from lowmem_r1.errors import UserError, printable
-from lowmem_r1.fsutil import MARKER, atomic_dir, atomic_write_text, check_safetensors, is_ours, refuse_existing
-from lowmem_r1.rundir import RunDir, jsonl_rows, read_jsonl
-
 from test_new_user import make_model, safetensors_bytes
 
+from lowmem_r1.errors import UserError, printable
+from lowmem_r1.fsutil import (
+    MARKER,
+    atomic_dir,
+    atomic_write_text,
+    check_safetensors,
+    is_ours,
+    refuse_existing,
+)
+from lowmem_r1.rundir import RunDir, jsonl_rows, read_jsonl
 
 # 1. --force replaces only an output of the same kind that lowmem-r1 wrote, never an input
 
@@ -157,7 +162,7 @@ def test_truncate_logs_and_incomplete_checkpoints(tmp_path):
     checkpoint(3, cut=True)
     checkpoint(4, skip=("trainer_state.json",))
     assert [p.name for p in run.checkpoint_dirs()] == ["checkpoint-1"]
-    skipped = dict((p.name, why) for p, why in run.skipped_checkpoints())
+    skipped = {p.name: why for p, why in run.skipped_checkpoints()}
     assert set(skipped) == {"checkpoint-2", "checkpoint-3", "checkpoint-4"}
     assert "optimizer.pt" in skipped["checkpoint-2"] and "truncated" in skipped["checkpoint-3"]
 
@@ -218,7 +223,7 @@ def test_no_third_party_noise_in_a_pipe(tmp_path):
     (tmp_path / "bad.jsonl").write_text('{"question": "1", "answer": "1"}\n{bad\n')
     recipe = tmp_path / "r.toml"
     recipe.write_text('[data]\nsource = "bad.jsonl"\ntask = "gsm8k"\n\n[[rewards]]\nname = "answer_match"\n')
-    out = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "rewards", "check", str(recipe)],
+    out = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "rewards", "check", str(recipe)], check=False,
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 2 and out.stdout == ""
     assert out.stderr.startswith("error: data file bad.jsonl") and len(out.stderr.splitlines()) == 1, out.stderr

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -46,6 +47,10 @@ def make_run(path: Path, base: Path, adapter_weights: bytes | None = None) -> Pa
 def sandbox(tmp_path, monkeypatch):
     """A user's folder: a recipe, data, a model, a run, their own notes and folders."""
     monkeypatch.chdir(tmp_path)
+    for name in ("TRANSFORMERS_VERBOSITY", "DATASETS_VERBOSITY", "HF_DATASETS_DISABLE_PROGRESS_BARS",
+                 "HF_HUB_DISABLE_PROGRESS_BARS", "TQDM_DISABLE"):  # main() sets these; keep them to this test
+        default = {"TRANSFORMERS_VERBOSITY": "error", "DATASETS_VERBOSITY": "critical"}.get(name, "1")
+        monkeypatch.setenv(name, os.environ.get(name, default))
     shutil.copy(REPO / "recipes" / "demo.toml", tmp_path / "demo.toml")
     (tmp_path / "plain.toml").write_text((REPO / "recipes" / "demo.toml").read_text().replace(
         "generator = { n = 2000, seed = 0 }", ""))
