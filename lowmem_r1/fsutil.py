@@ -34,7 +34,7 @@ def _first_jsonl_row(path: Path) -> dict:
 # How to recognise each kind of output written before the marker existed: the files it always holds
 # (folders), or a test of its content (files).
 LEGACY: dict[str, tuple[str, ...] | Callable[[Path], bool]] = {
-    "run directory": ("run.json", "recipe.toml"),
+    "run directory": ("run.json",),  # what every reader of a run looks for (RunDir.exists)
     "merged model": ("config.json", "merge_info.json"),
     "eval results folder": ("results.json", "generations.jsonl"),
     "report": ("summary.json",),
