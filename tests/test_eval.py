@@ -32,7 +32,7 @@ def gsm8k_rows(gsm8k_dir, n):
 
 
 def recipe(task="gsm8k", rewards=None):
-    return recipe_from_dict({"name": "t", "data": {"task": task, "source": "x"},
+    return recipe_from_dict({"name": "t", "data": {"task": task, "source": "test/x"},
                              "rewards": rewards or [{"name": "answer_match", "extract": "tag"}]})
 
 
@@ -142,13 +142,16 @@ def test_cli_eval_run_dir_with_baseline(eval_run):
     assert all(set(g["rewards"]) == {"answer_match", "brevity"} for g in gens)
 
 
-def test_eval_errors(eval_run, lora_run_dir, base_model_dir):
+def test_eval_errors(eval_run, lora_run_dir, base_model_dir, tmp_path):
     with pytest.raises(UserError, match="--data FILE --task TASK"):
         resolve_target(str(base_model_dir))
     with pytest.raises(UserError, match="go together"):
         resolve_target(str(eval_run), data="x.jsonl")
+    with pytest.raises(UserError, match="x.jsonl not found"):  # a missing file, before any model loads
+        evaluate(str(base_model_dir), EvalSettings(), data="x.jsonl", task="arithmetic")
+    (tmp_path / "x.jsonl").write_text('{"question": "1+1", "answer": "2"}\n')
     with pytest.raises(UserError, match="has no adapter"):
-        evaluate(str(base_model_dir), EvalSettings(baseline=True), data="x.jsonl", task="arithmetic")
+        evaluate(str(base_model_dir), EvalSettings(baseline=True), data=str(tmp_path / "x.jsonl"), task="arithmetic")
     with pytest.raises(UserError, match="data.eval_size"):  # the plain fixture recipe holds no prompts out
         evaluate(str(lora_run_dir), EvalSettings(limit=1, max_new_tokens=2))
     with pytest.raises(UserError, match="needs sampling"):
