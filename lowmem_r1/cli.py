@@ -53,8 +53,10 @@ def train(
         raise UserError(f"{run_dir}: a run directory is only taken with --resume (lowmem-r1 train RECIPE --resume RUN_DIR)")
     r = load_recipe(recipe, set_ or [])
     if dry_run:
+        from .backends import preflight
         from .progress import print_dry_run
 
+        preflight(r)  # what select() would refuse here, before anything is printed as valid
         print_dry_run(r, recipe)
         return
     from .train import Start, train as run_train

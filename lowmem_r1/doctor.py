@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .precision import bf16_supported
+
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
 
 # Libraries shown, and whether the core path (CPU or GPU) needs them.
@@ -100,6 +102,38 @@ def package_checks(needed_gpu: set[str]) -> list[Check]:
     return out
 
 
+GPU_SET = Path(__file__).resolve().parent.parent / "constraints-gpu.txt"
+GPU_INSTALL = 'pip install -c constraints-gpu.txt -e ".[gpu]"'
+
+
+def tested_gpu_set(path: Path = GPU_SET) -> dict[str, str]:
+    """Package -> version of the tested GPU set (constraints-gpu.txt, `name==version` lines)."""
+    if not path.is_file():
+        return {}
+    out = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        name, sep, version = line.split("#")[0].strip().partition("==")
+        if sep:
+            out[_norm(name.strip())] = version.strip()
+    return out
+
+
+def gpu_set_checks(cuda: bool) -> list[Check]:
+    """On a GPU machine (or one with the GPU extras), each installed library whose version differs from
+    the tested GPU set, by name. Local build labels (torch 2.13.0+cu128) count as the same version."""
+    if not (cuda or version_of("unsloth") or version_of("vllm")):
+        return []
+    tested = tested_gpu_set()
+    wrong = []
+    for package, want in tested.items():
+        have = version_of(package)
+        if have is not None and have.split("+")[0] != want:
+            wrong.append(Check(f"{package} (GPU set)", f"{have}, the tested GPU set has {want}", WARN, GPU_INSTALL))
+    if tested and not wrong:
+        return [Check("GPU version set", f"installed libraries match constraints-gpu.txt ({len(tested)} pins)", OK)]
+    return wrong
+
+
 def torch_checks() -> tuple[list[Check], bool]:
     try:
         import torch
@@ -121,7 +155,7 @@ def torch_checks() -> tuple[list[Check], bool]:
             f"GPU {i}", f"{name}, compute capability {major}.{minor}, {free / 2**30:.1f} of {total / 2**30:.1f} GiB free",
             status, "" if status == OK else "vLLM needs compute capability 7.0+: use model.fast_inference=false",
         ))
-    bf16 = torch.cuda.is_bf16_supported()
+    bf16 = bf16_supported()  # native only: a T4 emulates bf16 (slow), so it trains in fp16
     out.append(Check("bf16", "supported" if bf16 else "not supported: fp16 with loss scaling", OK if bf16 else INFO))
     return out, True
 
@@ -201,6 +235,7 @@ def run_checks(recipe=None) -> list[Check]:
         if cuda and (recipe.model.fast_inference or recipe.generation.use_vllm):
             needed_gpu.add("vllm")
     checks += package_checks(needed_gpu)
+    checks += gpu_set_checks(cuda)
     name, why = backends.choose("auto")
     checks.append(Check("backend = auto", f"{name}: {why}", OK))
     checks += disk_checks(recipe)

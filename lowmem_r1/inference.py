@@ -17,6 +17,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import UserError
+from .models import load_tokenizer as _load_tokenizer
+from .precision import nf4_config, torch_dtype
 
 ENGINES = ("auto", "hf", "unsloth", "vllm")
 
@@ -292,6 +294,10 @@ def load_generator(ref: ModelRef, engine: str = "auto", streaming: bool = False,
     """Load `ref` for generation on the chosen engine, in eval mode (`tokenizer`: load_tokenizer(ref)
     when the caller already has it)."""
     engine = select_engine(engine, streaming=streaming) if engine == "auto" else engine
+    if engine == "unsloth":  # before transformers is imported (by the tokenizer), or its patches miss
+        from .backends.unsloth import prepare
+
+        prepare()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref)
     if engine == "vllm":
         return _load_vllm(ref, tokenizer)
@@ -302,17 +308,8 @@ def load_generator(ref: ModelRef, engine: str = "auto", streaming: bool = False,
 
 def load_tokenizer(ref: ModelRef):
     """The adapter folder's tokenizer when training saved one (it may carry a changed chat template)."""
-    from transformers import AutoTokenizer
-
     src = ref.adapter if ref.adapter and (Path(ref.adapter) / "tokenizer_config.json").is_file() else ref.base
-    try:
-        tok = AutoTokenizer.from_pretrained(str(src))
-    except OSError as e:
-        raise UserError(f"model {ref.label}: cannot load its tokenizer ({' '.join(str(e).split())})") from None
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"
-    return tok
+    return _load_tokenizer(str(src), label=ref.label)
 
 
 def _load_hf(ref: ModelRef):
@@ -320,16 +317,10 @@ def _load_hf(ref: ModelRef):
     from transformers import AutoModelForCausalLM
 
     cuda = torch.cuda.is_available()
-    kwargs: dict = {"dtype": (torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else "auto") if cuda
-                    else torch.float32}
+    kwargs: dict = {"dtype": torch_dtype("auto", cuda)}
     if ref.load_in_4bit and importlib.util.find_spec("bitsandbytes") is not None:
-        # The adapter was trained against the 4-bit base: generate from the same weights.
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=kwargs["dtype"]
-            if kwargs["dtype"] != "auto" else torch.float16,
-        )
+        # The adapter was trained against the 4-bit base: generate from the same weights (training's config).
+        kwargs["quantization_config"] = nf4_config(kwargs["dtype"])
     if cuda:
         kwargs["device_map"] = "auto"
     try:

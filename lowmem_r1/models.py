@@ -170,3 +170,21 @@ def _fix_special_tokens(tok, model) -> None:
             tid = tid[0]
         if tid is not None and 0 <= tid < len(tok):
             setattr(tok, f"{attr}_token", tok.convert_ids_to_tokens(int(tid)))
+
+
+def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False, label: str | None = None):
+    """The one tokenizer loader (training, chat, eval): pad token set, left padding for batched decoder-only
+    generation, and a one-line error naming the model when it cannot be read."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(str(path), revision=revision, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise UserError(
+            f"model {label or path}: cannot load its tokenizer ({type(e).__name__}: {' '.join(str(e).split())[:200]}); "
+            f"download the model once or pass a local model folder"
+        ) from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    tok.padding_side = "left"
+    return tok

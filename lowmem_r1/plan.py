@@ -44,13 +44,21 @@ import json
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from .errors import UserError
 
 GiB = 1024**3
 CUDA_CONTEXT = 1.0 * GiB
 NF4_BITS = 4 + 8 / 64 + 32 / (64 * 256)  # QLoRA double quantization: 4.127 bits per weight
-DEFAULT_CARD_GIB = 24.0  # the card this toolkit is built for (RTX 3090 / 4090, A5000, L4 class)
+DEFAULT_CARD_GIB = 24.0
+# TRL 1.15's fused LM head (trl/kernels/chunked_logprob.py): [TOKEN_CHUNK_SIZE, chunk] tiles, chunk from
+# trl/trainer/utils.py _CHUNKED_LOGPROB_CHUNK_SIZE.
+TRL_TOKEN_CHUNK, TRL_VOCAB_CHUNK = 4096, 32768
+# A CPU run (measured with `plan --measure` on the embedded model, see README): the process before the model
+# loads, and the fp32 N x V copies compat.TorchChunkedLogProb keeps for backward (logits, softmax, grads).
+CPU_RUNTIME = 0.75 * GiB
+CPU_LOGIT_COPIES = 3  # the card this toolkit is built for (RTX 3090 / 4090, A5000, L4 class)
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,7 @@ class Knobs:
     generations: int
     prompt: int
     completion: int
+    device: str = "cuda"  # "cpu": a run on this machine's CPU (fp32, RAM, the CPU log-prob fallback)
 
 
 @dataclass
@@ -199,19 +208,25 @@ class Plan:
     name: str
     shape: ModelShape
     knobs: Knobs
-    card: float  # bytes
+    card: float  # bytes (RAM for a CPU plan)
     card_source: str
-    rows: list[tuple[str, float, str]] = field(default_factory=list)  # (what, bytes, how)
-    total: float = 0.0
-    kv_needed: float = 0.0  # one whole sequence in vLLM's KV cache
-    kv_room: float | None = None
+    breakdown: Breakdown
     notes: list[str] = field(default_factory=list)
     max_generations: int | None = None
     max_completion: int | None = None
 
     @property
+    def rows(self) -> list[Term]:
+        return self.breakdown.rows
+
+    @property
+    def total(self) -> float:
+        return self.breakdown.total
+
+    @property
     def fits(self) -> bool:
-        return self.total <= self.card and (self.kv_room is None or self.kv_room >= self.kv_needed)
+        b = self.breakdown
+        return b.total <= self.card and (b.kv_room is None or b.kv_room >= b.kv_needed)
 
     def gib(self, value: float) -> float:
         return round(value / GiB, 2)
@@ -227,7 +242,16 @@ def plan_backend(recipe) -> str:
     return "unsloth" if unsloth_installed() or not cuda_available() else "hf"
 
 
-def knobs_from_recipe(recipe, backend: str) -> Knobs:
+def plan_device(recipe, gpu_memory: float | None) -> str:
+    """"cpu" when the run would happen on this machine's CPU (no CUDA, no --gpu-memory, and nothing in the
+    recipe needs a GPU), else "cuda": a GPU recipe planned from a laptop is planned for its card."""
+    from .backends import cuda_available
+
+    needs_gpu = recipe.model.fast_inference or recipe.generation.use_vllm
+    return "cpu" if gpu_memory is None and not cuda_available() and not needs_gpu else "cuda"
+
+
+def knobs_from_recipe(recipe, backend: str, device: str = "cuda") -> Knobs:
     m, t, g, lora = recipe.model, recipe.training, recipe.generation, recipe.lora
     targets = list(ModelShape(1, 1, 1, 1, 1, 1, True).linear_shapes()) if lora.target_modules == "all-linear" \
         else list(lora.target_modules)
@@ -235,7 +259,7 @@ def knobs_from_recipe(recipe, backend: str) -> Knobs:
     return Knobs(
         backend=backend,
         load_in_4bit=m.load_in_4bit,
-        weight_bytes=4 if m.dtype == "float32" else 2,
+        weight_bytes=4 if m.dtype == "float32" or (device == "cpu" and m.dtype == "auto") else 2,
         fast_inference=m.fast_inference and unsloth,
         use_vllm=g.use_vllm or m.fast_inference,
         standby=m.vllm_standby and unsloth and m.fast_inference,
@@ -250,6 +274,7 @@ def knobs_from_recipe(recipe, backend: str) -> Knobs:
         generations=t.num_generations,
         prompt=recipe.data.max_prompt_length,
         completion=g.max_completion_length,
+        device=device,
     )
 
 
@@ -261,82 +286,129 @@ def standby_share(card: float, vllm_at_least_011: bool = True) -> float:
     return share * 0.95 if vllm_at_least_011 else share
 
 
-def estimate(shape: ModelShape, k: Knobs, card: float) -> tuple[list[tuple[str, float, str]], float, float, float | None]:
-    """(rows, total bytes, KV bytes one sequence needs, KV room in vLLM's share or None)."""
-    h, inter, L, V = shape.hidden, shape.intermediate, shape.layers, shape.vocab
-    B, S, C = k.batch, k.prompt + k.completion, k.completion
-    unsloth = k.backend == "unsloth"
-    rows: list[tuple[str, float, str]] = []
+class Term(NamedTuple):
+    """One line of the breakdown: what, bytes, how it was computed."""
 
+    what: str
+    bytes: float
+    how: str
+
+
+@dataclass
+class Breakdown:
+    """The estimate, term by term (`plan --measure` prints the measured figures beside these)."""
+
+    weights: Term
+    lora: Term
+    activations: Term
+    logits: Term
+    generation: Term
+    runtime: Term
+    kv_needed: float = 0.0  # one whole sequence in vLLM's KV cache
+    kv_room: float | None = None  # what vLLM's share leaves for its KV cache; None without vLLM
+
+    @property
+    def rows(self) -> list[Term]:
+        return [self.weights, self.lora, self.activations, self.logits, self.generation, self.runtime]
+
+    @property
+    def total(self) -> float:
+        return sum(t.bytes for t in self.rows)
+
+    @property
+    def training(self) -> float:
+        """What the training step holds (everything but generation and the runtime)."""
+        return self.weights.bytes + self.lora.bytes + self.activations.bytes + self.logits.bytes
+
+
+def weights_term(shape: ModelShape, k: Knobs) -> Term:
     if k.load_in_4bit:
-        weights = shape.linear_params() * NF4_BITS / 8 + (shape.params() - shape.linear_params()) * 2
-        how = f"{shape.params() / 1e9:.2f}B params, Linear layers NF4 ({NF4_BITS:.3f} bits), embeddings 16-bit"
-    else:
-        weights = shape.params() * k.weight_bytes
-        how = f"{shape.params() / 1e9:.2f}B params x {k.weight_bytes} bytes"
-    rows.append(("base weights (" + ("4-bit" if k.load_in_4bit else f"{8 * k.weight_bytes}-bit") + ")", weights, how))
+        linear = shape.linear_params()
+        return Term("base weights (4-bit)", linear * NF4_BITS / 8 + (shape.params() - linear) * 2,
+                    f"{shape.params() / 1e9:.2f}B params, Linear layers NF4 ({NF4_BITS:.3f} bits), embeddings 16-bit")
+    return Term(f"base weights ({8 * k.weight_bytes}-bit)", shape.params() * k.weight_bytes,
+                f"{shape.params() / 1e9:.2f}B params x {k.weight_bytes} bytes")
 
+
+def lora_term(shape: ModelShape, k: Knobs) -> Term:
     dims = shape.linear_shapes()
     unknown = [t for t in k.lora_targets if t not in dims]
-    lora_params = L * sum(k.lora_r * sum(dims[t]) for t in k.lora_targets if t in dims)
+    params = shape.layers * sum(k.lora_r * sum(dims[t]) for t in k.lora_targets if t in dims)
     per_param = 4 + 4 + (2 if k.optim_8bit else 8)
-    rows.append((
-        "LoRA weights + grads + optimizer", lora_params * per_param,
-        f"{lora_params / 1e6:.1f}M params x {per_param} bytes ({'8-bit AdamW' if k.optim_8bit else 'AdamW'})"
-        + (f"; not counted: {unknown}" if unknown else ""),
-    ))
+    return Term("LoRA weights + grads + optimizer", params * per_param,
+                f"{params / 1e6:.1f}M params x {per_param} bytes ({'8-bit AdamW' if k.optim_8bit else 'AdamW'})"
+                + (f"; not counted: {unknown}" if unknown else ""))
 
-    layer = B * S * (10 * h + 4 * inter) * 2
-    if k.checkpointing and unsloth:
-        act, how = layer + 2 * B * S * h * 2, "Unsloth checkpointing: layer inputs offloaded to RAM, one layer recomputed"
+
+def activations_term(shape: ModelShape, k: Knobs) -> Term:
+    h, L = shape.hidden, shape.layers
+    B, S = k.batch, k.prompt + k.completion
+    e = 4 if k.device == "cpu" and k.weight_bytes == 4 else 2  # bytes per activation: fp32 on a CPU run
+    layer = B * S * (10 * h + 4 * shape.intermediate) * e
+    if k.checkpointing and k.backend == "unsloth":
+        act, how = layer + 2 * B * S * h * e, "Unsloth checkpointing: layer inputs offloaded to RAM, one layer recomputed"
     elif k.checkpointing:
-        act, how = layer + L * B * S * h * 2, f"checkpointing: {L} layer inputs kept + one layer recomputed"
+        act, how = layer + L * B * S * h * e, f"checkpointing: {L} layer inputs kept + one layer recomputed"
     else:
         act, how = L * layer, f"no gradient checkpointing: all {L} layers' activations kept"
-    rows.append((f"activations (B={B} x S={S} tokens)", act, how))
+    return Term(f"activations (B={B} x S={S} tokens)", act, how)
 
-    if unsloth:
-        logits, how = C * V * 4, f"Unsloth chunked loss: one fp32 row at a time, C={C} x V={V} x 4 bytes"
-    else:
-        logits, how = 2 * B * C * V * 2, f"logits + their gradient: 2 x B={B} x C={C} x V={V} x 2 bytes"
-    rows.append(("loss logits", logits, how))
 
-    kv_token = shape.kv_bytes_per_token()
+def logits_term(shape: ModelShape, k: Knobs) -> Term:
+    h, V, C = shape.hidden, shape.vocab, k.completion
+    N = k.batch * C  # completion tokens scored per micro-batch
+    if k.backend == "unsloth":
+        return Term("loss logits", C * V * 4, f"Unsloth chunked loss: one fp32 row at a time, C={C} x V={V} x 4 bytes")
+    if k.device == "cpu":  # compat.TorchChunkedLogProb: autograd keeps each chunk's fp32 logits and softmax
+        return Term("loss logits", CPU_LOGIT_COPIES * N * V * 4,
+                    f"CPU log-probs (compat.py): {CPU_LOGIT_COPIES} fp32 copies of N={N} x V={V} kept for backward")
+    tile = min(N, TRL_TOKEN_CHUNK) * min(V, TRL_VOCAB_CHUNK) * 2
+    return Term("loss logits", tile + N * h * 4,
+                f"TRL 1.15 fused LM head: one {min(N, TRL_TOKEN_CHUNK)} x {min(V, TRL_VOCAB_CHUNK)} 16-bit tile "
+                f"+ fp32 grad of N={N} hidden states")
+
+
+def generation_term(shape: ModelShape, k: Knobs, card: float, weights: float, lora: float,
+                    training: float) -> tuple[Term, float, float | None]:
+    """(term, KV bytes one sequence needs, KV room in vLLM's share or None)."""
+    S = k.prompt + k.completion
+    kv_token = shape.kv_bytes_per_token() * (2 if k.device == "cpu" and k.weight_bytes == 4 else 1)
     kv_needed = kv_token * (k.max_seq_length if k.fast_inference else S)
-    kv_room = None
-    training = weights + rows[1][1] + act + logits
-    if k.use_vllm:
-        share = standby_share(card) if k.standby else k.vllm_share
-        reserved = share * card
-        if k.fast_inference:  # shares the training weights: they sit inside vLLM's reservation
-            kv_room = reserved - weights
-            vllm_row = max(kv_room, 0.0)
-            what = f"vLLM share beyond the shared weights ({share:.2f} x card{', standby' if k.standby else ''})"
-        else:  # TRL's colocated engine loads its own copy
-            own = weights
-            kv_room = reserved - own
-            vllm_row = reserved
-            what = f"vLLM share ({share:.2f} x card, its own weights + KV cache)"
-        if k.standby:  # KV cache asleep while training: the peak is the larger phase
-            generation_phase = reserved + rows[1][1]
-            peak = max(generation_phase, training)
-            rows.append((what, max(0.0, peak - training), "standby: only what generation needs beyond training"))
-        else:
-            rows.append((what, vllm_row, f"KV cache {kv_token / 1024:.0f} KiB per token"))
+    if not k.use_vllm:
+        gen_batch = k.batch * k.accumulation
+        return Term(f"generation KV cache ({gen_batch} x {S} tokens)", gen_batch * S * kv_token + gen_batch * shape.vocab * 4,
+                    f"transformers generate(), {kv_token / 1024:.0f} KiB per token"), kv_needed, None
+    share = standby_share(card) if k.standby else k.vllm_share
+    reserved = share * card
+    if k.fast_inference:  # shares the training weights: they sit inside vLLM's reservation
+        kv_room = reserved - weights
+        row = max(kv_room, 0.0)
+        what = f"vLLM share beyond the shared weights ({share:.2f} x card{', standby' if k.standby else ''})"
+    else:  # TRL's colocated engine loads its own copy
+        kv_room = reserved - weights
+        row = reserved
+        what = f"vLLM share ({share:.2f} x card, its own weights + KV cache)"
+    if k.standby:  # KV cache asleep while training: the peak is the larger phase
+        peak = max(reserved + lora, training)
+        return Term(what, max(0.0, peak - training), "standby: only what generation needs beyond training"), kv_needed, kv_room
+    return Term(what, row, f"KV cache {kv_token / 1024:.0f} KiB per token"), kv_needed, kv_room
+
+
+def estimate(shape: ModelShape, k: Knobs, card: float) -> Breakdown:
+    weights, lora = weights_term(shape, k), lora_term(shape, k)
+    act, logits = activations_term(shape, k), logits_term(shape, k)
+    training = weights.bytes + lora.bytes + act.bytes + logits.bytes
+    gen, kv_needed, kv_room = generation_term(shape, k, card, weights.bytes, lora.bytes, training)
+    if k.device == "cpu":
+        runtime = Term("runtime (CPU process)", CPU_RUNTIME, "python + torch + transformers + trl, measured once")
     else:
-        gen_batch = B * k.accumulation
-        rows.append((
-            f"generation KV cache ({gen_batch} x {S} tokens)", gen_batch * S * kv_token + gen_batch * V * 4,
-            f"transformers generate(), {kv_token / 1024:.0f} KiB per token",
-        ))
-    rows.append(("CUDA context + allocator", CUDA_CONTEXT, "fixed assumption"))
-    total = sum(r[1] for r in rows)
-    return rows, total, kv_needed, kv_room
+        runtime = Term("CUDA context + allocator", CUDA_CONTEXT, "fixed assumption")
+    return Breakdown(weights, lora, act, logits, gen, runtime, kv_needed, kv_room)
 
 
 def _fits(shape, k, card) -> bool:
-    _, total, need, room = estimate(shape, k, card)
-    return total <= card and (room is None or room >= need)
+    b = estimate(shape, k, card)
+    return b.total <= card and (b.kv_room is None or b.kv_room >= b.kv_needed)
 
 
 GENERATIONS_LIMIT, COMPLETION_LIMIT = 256, 131072  # searched up to here
@@ -385,20 +457,33 @@ def card_memory(gpu_memory: float | None) -> tuple[float, str]:
     return DEFAULT_CARD_GIB * GiB, f"no GPU here: assuming a {DEFAULT_CARD_GIB:.0f} GiB card (--gpu-memory to change)"
 
 
+def ram() -> tuple[float, str]:
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return float(total), "this machine's RAM (CPU run)"
+
+
 def make_plan(recipe, gpu_memory: float | None = None, search: bool = True) -> Plan:
     shape = model_shape(recipe.model.name, recipe.model.revision)
-    card, source = card_memory(gpu_memory)
-    k = knobs_from_recipe(recipe, plan_backend(recipe))
-    rows, total, need, room = estimate(shape, k, card)
-    plan = Plan(recipe.name, shape, k, card, source, rows, total, need, room)
-    if room is not None:
+    device = plan_device(recipe, gpu_memory)
+    if device == "cpu":  # Unsloth's CPU backend is plain transformers + PEFT: the hf terms apply
+        card, source = ram()
+        k = knobs_from_recipe(recipe, "hf", device)
+    else:
+        card, source = card_memory(gpu_memory)
+        k = knobs_from_recipe(recipe, plan_backend(recipe), device)
+    b = estimate(shape, k, card)
+    plan = Plan(recipe.name, shape, k, card, source, b)
+    if b.kv_room is not None:
+        need, room = b.kv_needed, b.kv_room
         plan.notes.append(
             f"vLLM KV cache: one {k.max_seq_length if k.fast_inference else k.prompt + k.completion}-token sequence "
             f"needs {plan.gib(need)} GiB, its share leaves {plan.gib(max(room, 0))} GiB "
             f"(~{max(0, int(room // need)) if need else 0} sequences at once)"
         )
-    if recipe.model.backend == "auto":
+    if recipe.model.backend == "auto" and device == "cuda":
         plan.notes.append(f"backend auto: planned as {k.backend} on a CUDA card")
+    if device == "cpu":
+        plan.notes.append("no GPU here and the recipe needs none: planned for this CPU (RAM); --gpu-memory N plans a card")
     if k.fast_inference and k.prompt + k.completion > k.max_seq_length:
         plan.notes.append(
             f"data.max_prompt_length + max_completion_length = {k.prompt + k.completion} exceeds "

@@ -85,7 +85,7 @@ def test_unsloth_asked_for_but_missing(cpu):
 
 def test_several_problems_name_the_first_and_count_the_rest(cpu):
     cpu.setattr(backends, "installed", lambda p: False)
-    with pytest.raises(UserError, match=r"\(\+1 more: run `lowmem-r1 doctor RECIPE`\)$"):
+    with pytest.raises(UserError, match=r"\(\+2 more: run `lowmem-r1 doctor RECIPE`\)$"):
         backends.select(make(model={"load_in_4bit": True, "fast_inference": True, "backend": "hf"}))
 
 
@@ -99,7 +99,7 @@ def test_unsloth_4bit_with_trl_vllm_is_refused_before_training(gpu):
 def test_hf_on_gpu_falls_back_to_trls_vllm_out_loud(gpu, caplog):
     """fast_inference on a GPU without unsloth: hf + TRL's colocated vLLM, and the log says so."""
     gpu.setattr(backends, "unsloth_installed", lambda: False)
-    recipe = make(model={"fast_inference": True, "load_in_4bit": True})
+    recipe = make(model={"fast_inference": True, "load_in_4bit": False})
     with caplog.at_level(logging.WARNING, logger="lowmem_r1"):
         backend = backends.select(recipe)
     assert backend.name == "hf"
@@ -141,10 +141,12 @@ def test_hf_on_gpu_uses_trls_colocated_vllm(monkeypatch, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: object() if name == "vllm" else real(name, *a))
-    recipe = make(model={"fast_inference": True, "load_in_4bit": True, "backend": "hf"})
+    recipe = make(model={"fast_inference": True, "backend": "hf"}, data={"max_prompt_length": 100},
+                  generation={"max_completion_length": 28})
     out = HFBackend().grpo_overrides(recipe)
     assert set(out) <= _grpo_fields()
     assert out["use_vllm"] is True and out["vllm_mode"] == "colocate" and out["fp16"] is True
+    assert out["vllm_max_model_length"] == 128  # not the model's whole context
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # GRPOConfig validates fp16 against the device
     config = GRPOConfig(output_dir=str(tmp_path), **out)
     assert config.use_vllm and config.vllm_mode == "colocate"

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lowmem_r1.backends import unsloth as ub
 from lowmem_r1.recipe import recipe_from_dict
@@ -133,7 +134,7 @@ def test_grpo_overrides_are_grpoconfig_fields(raw, bf16, tmp_path):
     from trl import GRPOConfig
 
     r = recipe(raw)
-    out = ub.gpu_grpo_overrides(r, bf16_supported=bf16)
+    out = ub.gpu_grpo_overrides(r, torch.bfloat16 if bf16 else torch.float16)
     assert set(out) <= grpo_fields(), set(out) - grpo_fields()
     assert out["bf16"] is bf16 and out["fp16"] is (not bf16)
     if r.model.fast_inference:
@@ -181,7 +182,7 @@ def test_train_lets_backend_overrides_reach_grpoconfig(tmp_path):
     spreads = [k for k in calls[0].keywords if k.arg is None]
     r = recipe(GPU_RECIPES[0])
     common = set(train_mod.grpo_kwargs(r, RunDir(tmp_path), [1.0]))
-    overlap = common & set(ub.gpu_grpo_overrides(r, True))
+    overlap = common & set(ub.gpu_grpo_overrides(r, torch.bfloat16))
     if len(spreads) > 1:
         assert not overlap, f"GRPOConfig(**common, **overrides) would get {overlap} twice: merge the dicts"
 

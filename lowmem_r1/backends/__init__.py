@@ -52,25 +52,42 @@ def choose(backend: str) -> tuple[str, str]:
 
 def select(recipe):
     """The backend object for a recipe, after checking this machine can run it (one-line UserError with
-    the fix if not) and logging every fallback. Imports unsloth here, before anything imports trl."""
+    the fix if not) and logging every fallback. Imports unsloth here, before anything imports trl - and
+    before anything initialises CUDA (the capability probe in requirements() does), since unsloth sets the
+    allocator's environment on import."""
     name, why = choose(recipe.model.backend)
-    problems = requirements(recipe, name)
-    if problems:
-        more = f" (+{len(problems) - 1} more: run `lowmem-r1 doctor RECIPE`)" if len(problems) > 1 else ""
-        raise UserError(problems[0] + more)
-    for note in fallbacks(recipe, name):
-        log.warning(note)
-    if name == "unsloth":
+    if name == "unsloth" and unsloth_installed():
         from .unsloth import UnslothBackend
 
         backend = UnslothBackend(standby=recipe.model.vllm_standby)
+        _refuse(combination_problems(recipe, name))  # machine-independent: before the import
         backend.prepare()
     else:
         from .hf import HFBackend
 
         backend = HFBackend()
+    _refuse(requirements(recipe, name))
+    for note in fallbacks(recipe, name):
+        log.warning(note)
     backend.why = why  # said on the run's first line
     return backend
+
+
+def preflight(recipe) -> str:
+    """What `train --dry-run` checks, importing nothing heavy: on a CUDA machine everything select() checks;
+    on one without (a GPU recipe validated on a laptop) only what no machine could run. The backend name."""
+    name, _ = choose(recipe.model.backend)
+    if cuda_available():
+        _refuse(requirements(recipe, name))
+    elif recipe.model.backend != "auto":
+        _refuse(combination_problems(recipe, name))
+    return name
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        more = f" (+{len(problems) - 1} more: run `lowmem-r1 doctor RECIPE`)" if len(problems) > 1 else ""
+        raise UserError(problems[0] + more)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -103,7 +120,7 @@ def requirements(recipe, name: str | None = None) -> list[str]:
     m, g = recipe.model, recipe.generation
     name = name or choose(m.backend)[0]
     cuda = cuda_available()
-    out: list[str] = []
+    out: list[str] = combination_problems(recipe, name)
     if name == "unsloth" and not unsloth_installed():
         out.append(f'model.backend = "unsloth": unsloth is not installed; {GPU_EXTRA}, or --set model.backend=hf')
     if m.load_in_4bit and not installed("bitsandbytes"):
@@ -132,6 +149,22 @@ def requirements(recipe, name: str | None = None) -> list[str]:
     return list(dict.fromkeys(out))
 
 
+def combination_problems(recipe, name: str) -> list[str]:
+    """Settings no machine can run together on backend `name` (the same on a GPU, a laptop or in CI):
+    TRL's colocated vLLM receives peft-merged packed 4-bit weights without their quant state and fails at
+    the first weight sync (huggingface/trl#4973, #3654); Unsloth's engine shares the 4-bit weights instead."""
+    m, g = recipe.model, recipe.generation
+    if name == "hf" and m.load_in_4bit and (g.use_vllm or m.fast_inference):
+        why = "model.backend = 'hf'" if m.backend == "hf" else "auto chose hf: unsloth is not installed"
+        off = "--set generation.use_vllm=false" + (" --set model.fast_inference=false" if m.fast_inference else "")
+        return [
+            f"model.load_in_4bit with vLLM on the hf backend ({why}): TRL's vLLM cannot receive 4-bit weight "
+            f"updates (huggingface/trl#4973); ways out: {GPU_EXTRA} (Unsloth's engine shares the 4-bit weights), "
+            f"or --set model.load_in_4bit=false, or {off}"
+        ]
+    return []
+
+
 def fallbacks(recipe, name: str) -> list[str]:
     """What will run differently from what the recipe says, and why (logged, never silent)."""
     m, g = recipe.model, recipe.generation
@@ -156,5 +189,5 @@ def fallbacks(recipe, name: str) -> list[str]:
 
 
 __all__ = [
-    "choose", "select", "requirements", "fallbacks", "cuda_available", "unsloth_installed", "UserError",
+    "choose", "select", "preflight", "requirements", "combination_problems", "fallbacks", "cuda_available", "unsloth_installed", "UserError",
 ]

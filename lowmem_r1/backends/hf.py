@@ -2,32 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
-
-from ..errors import UserError
-from ..models import resolve_model
+from ..models import load_tokenizer, resolve_model
+from ..precision import nf4_config, torch_dtype, trainer_flags
 from . import lora_kwargs
-
-
-def torch_dtype(name: str, cuda: bool):
-    """`auto`: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU (CPU half math is slow)."""
-    import torch
-
-    if name != "auto":
-        return getattr(torch, name)
-    if cuda:
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def load_tokenizer(path: str, revision: str | None = None, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    tok.padding_side = "left"  # decoder-only batched generation
-    return tok
 
 
 class HFBackend:
@@ -67,9 +44,7 @@ class HFBackend:
         g = recipe.generation
         out: dict = {"use_cpu": not cuda}
         if cuda:
-            dtype = torch_dtype(recipe.model.dtype, cuda)
-            out["bf16"] = dtype == torch.bfloat16
-            out["fp16"] = dtype == torch.float16
+            out.update(trainer_flags(torch_dtype(recipe.model.dtype, cuda)))
         # fast_inference without unsloth: TRL's vLLM. CUDA and vllm are required by backends.requirements(),
         # which select() checks before anything loads.
         if g.use_vllm or recipe.model.fast_inference:
@@ -77,22 +52,7 @@ class HFBackend:
                 use_vllm=True,
                 vllm_mode=g.vllm_mode,
                 vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+                # without it vLLM sizes its KV cache for the model's whole context (32k for Qwen2.5)
+                vllm_max_model_length=recipe.data.max_prompt_length + g.max_completion_length,
             )
         return out
-
-
-def nf4_config(compute_dtype):
-    """QLoRA's NF4 with double quantization (bitsandbytes; runs on CPU too since 0.45)."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise UserError(
-            'model.load_in_4bit: bitsandbytes is not installed; pip install "lowmem-r1[gpu]" or '
-            "--set model.load_in_4bit=false"
-        )
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=compute_dtype,
-    )

@@ -19,6 +19,7 @@ import sys
 
 from ..errors import UserError
 from ..models import resolve_model
+from ..precision import torch_dtype, trainer_flags
 from . import lora_kwargs
 
 log = logging.getLogger("lowmem_r1")
@@ -59,8 +60,12 @@ def _cuda() -> bool:
 # The keyword arguments, as pure functions: the tests check each name against the installed signatures.
 
 
-def dtype_arg(name: str):
-    """None lets Unsloth choose (bf16 where the card supports it, else fp16; on CPU bf16 or fp32)."""
+def dtype_arg(name: str, cuda: bool):
+    """On a GPU the dtype the trainer is told too (precision.torch_dtype: bf16 only where the card has it
+    natively, else fp16 - Unsloth would load fp16 and then refuse a bf16 trainer). On CPU, `auto` lets
+    Unsloth's CPU backend choose."""
+    if cuda:
+        return torch_dtype(name, cuda)
     if name == "auto":
         return None
     import torch
@@ -75,7 +80,7 @@ def from_pretrained_kwargs(recipe, cuda: bool) -> dict:
     kwargs = dict(
         model_name=resolve_model(m.name),
         max_seq_length=m.max_seq_length,
-        dtype=dtype_arg(m.dtype),
+        dtype=dtype_arg(m.dtype, cuda),
         load_in_4bit=m.load_in_4bit,
         revision=m.revision,
         trust_remote_code=m.trust_remote_code,
@@ -98,13 +103,14 @@ def peft_kwargs(recipe, cuda: bool) -> dict:
     return dict(**lora_kwargs(lora), use_gradient_checkpointing=checkpointing, random_state=t.seed)
 
 
-def gpu_grpo_overrides(recipe, bf16_supported: bool) -> dict:
-    """GRPOConfig settings on a CUDA card: colocated vLLM (Unsloth's engine when fast_inference, which its
-    patched trainer reuses), bf16 where the card has it, else fp16. Only keys the trainer's common
+def gpu_grpo_overrides(recipe, dtype) -> dict:
+    """GRPOConfig settings on a CUDA card for a model loaded in `dtype` (dtype_arg): colocated vLLM
+    (Unsloth's engine when fast_inference, which its patched trainer reuses), the same mixed precision as
+    the hf backend (precision.trainer_flags: bf16, fp16, or neither for float32). Only keys the trainer's common
     arguments do not set (train.py spreads both into GRPOConfig): 8-bit AdamW is the recipe's
     `training.optim = "adamw_8bit"` (the GPU recipes set it; bitsandbytes runs it on CPU too)."""
     m, g = recipe.model, recipe.generation
-    out: dict = {"bf16": bf16_supported, "fp16": not bf16_supported}
+    out: dict = trainer_flags(dtype)
     if m.fast_inference:
         out.update(
             use_vllm=True,
@@ -150,11 +156,5 @@ class UnslothBackend:
     def grpo_overrides(self, recipe) -> dict:
         if not _cuda():
             return {"use_cpu": True}
-        import torch
-
-        if recipe.model.dtype == "auto":
-            bf16 = torch.cuda.is_bf16_supported()
-        else:
-            bf16 = recipe.model.dtype == "bfloat16"
-        return gpu_grpo_overrides(recipe, bf16)
+        return gpu_grpo_overrides(recipe, dtype_arg(recipe.model.dtype, cuda=True))
 
