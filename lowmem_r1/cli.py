@@ -168,13 +168,22 @@ def plan(
         None, "--gpu-memory", help="Card memory in GiB (default: the detected GPU, else 24)."
     ),
     set_: Optional[List[str]] = SetOpt,
+    measure: bool = typer.Option(
+        False, "--measure", help="Also run two GRPO steps on random weights here and print the measured peak."
+    ),
 ) -> None:
     """Estimate peak GPU memory from the model's config (no weights downloaded): breakdown, verdict, and
-    the largest num_generations / max_completion_length that fit."""
+    the largest num_generations / max_completion_length that fit; --measure measures it on this machine."""
     from .plan import make_plan, print_plan
     from .recipe import load_recipe
 
-    print_plan(make_plan(load_recipe(recipe, set_ or []), gpu_memory))
+    r = load_recipe(recipe, set_ or [])
+    plan = make_plan(r, gpu_memory, search=not measure)
+    print_plan(plan)
+    if measure:
+        from .measure import measure_recipe, print_measurement
+
+        print_measurement(plan, measure_recipe(r))
 
 
 @app.command()
