@@ -17,12 +17,14 @@ S = P + C, G = num_generations, GA = gradient_accumulation_steps):
                   which never materialise the S x S scores). Unsloth's checkpointing offloads the layer
                   inputs to host RAM (unsloth.ai/blog/grpo: "shaves 372GB"), so only about two stay on the
                   card. Without checkpointing every layer keeps its activations.
-  loss logits     TRL's GRPO loss materialises 2 tensors of B x C x V in 16-bit (logits and their
-                  gradient: "2 * 2 bytes * 8 (num generations) * 20K (context length) * 128256 (vocabulary)
-                  = 78.3GB", unsloth.ai/blog/grpo, 2025-02-20). Often the largest term: V is 151936 for
-                  Qwen2.5. Unsloth's memory-efficient GRPO loss works on one row at a time in fp32:
-                  C x V x 4 bytes (the post's "GRPO Memory Cost 9.8GB" for the same setup). The tests
-                  reproduce both published figures (and the post's 2.5GB KV cache for 20K tokens).
+  loss logits     A plain GRPO loss would materialise 2 tensors of B x C x V in 16-bit ("78.3GB" for
+                  Llama 8B at 20K tokens, unsloth.ai/blog/grpo, 2025-02-20), but TRL 1.15 always scores
+                  through a fused, chunked LM head (trl/kernels/chunked_logprob.py): one 4096-token x
+                  32768-vocabulary tile in 16-bit, plus the fp32 gradient of the N = B x C scored hidden
+                  states. Unsloth's memory-efficient GRPO loss works on one row at a time in fp32:
+                  C x V x 4 bytes (the post's "GRPO Memory Cost 9.8GB"; the tests reproduce it and the
+                  post's 2.5GB KV cache for 20K tokens). On a CPU, TRL's Triton kernel is replaced by
+                  compat.TorchChunkedLogProb, whose autograd keeps fp32 N x V tensors (CPU_LOGIT_COPIES).
   generation      vLLM reserves gpu_memory_utilization x card for its weights + KV cache (TRL's
                   vllm_gpu_memory_utilization; Unsloth's fast_inference engine shares the training weights,
                   so they are counted once: "Inference Cost 0GB vs 16GB" in the same post). The KV cache is
@@ -35,7 +37,11 @@ S = P + C, G = num_generations, GA = gradient_accumulation_steps):
   CUDA context    a fixed 1.0 GiB for the CUDA context, cuBLAS workspaces and allocator fragmentation
                   (an assumption: typically 0.5-1 GiB).
 
-The estimate is for the card only; it is not a measurement (no GPU was available to calibrate it).
+A CPU plan (no CUDA here, no --gpu-memory, a recipe that needs no GPU) counts what a CPU run holds in RAM:
+fp32 weights and activations, the CPU logits above, and the process's own footprint (CPU_RUNTIME: python,
+torch, transformers, TRL) in place of the CUDA context. Those two constants were measured with
+`plan --measure` (measure.py), which runs two real steps on random weights; GPU figures have no such
+calibration yet (scripts/gpu_smoke.py measures them on a card).
 """
 
 from __future__ import annotations
