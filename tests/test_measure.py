@@ -81,9 +81,12 @@ def test_the_gpu_smoke_script_refuses_cleanly_without_cuda(tmp_path):
 @pytest.mark.slow
 def test_demo_estimate_and_measurement_agree_within_25_percent():
     """`plan recipes/demo.toml` against `plan recipes/demo.toml --measure` on this CPU (its own process:
-    peak RSS must not include the test session)."""
-    assert P.make_plan(load_recipe(REPO / "recipes" / "demo.toml"), search=False).knobs.device == "cpu"
-    done = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "plan", "recipes/demo.toml", "--measure"], cwd=REPO,
+    peak RSS must not include the test session). 8 completions per micro-batch instead of 32: the demo's
+    worst case (prompts padded to 128 tokens) peaks near 9 GiB, too much for a shared build machine."""
+    small = ["training.per_device_train_batch_size=8"]
+    assert P.make_plan(load_recipe(REPO / "recipes" / "demo.toml", small), search=False).knobs.device == "cpu"
+    done = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "plan", "recipes/demo.toml", "--measure",
+                           "--set", small[0]], cwd=REPO,
                           capture_output=True, text=True, timeout=3600, env={"COLUMNS": "200", "PATH": "/usr/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
     peak = re.search(r"peak: estimate ([\d.]+) GiB, measured ([\d.]+) GiB", done.stdout)
