@@ -214,7 +214,7 @@ def _trainer(recipe, backend, model, tok, tmp: Path):
     from .train import grpo_kwargs
 
     patch_trl_for_cpu()
-    t, g = recipe.training, recipe.generation
+    g = recipe.generation
     overrides = backend.grpo_overrides(recipe)
     forced = {"min_tokens": g.max_completion_length} if overrides.get("use_vllm") else \
         {"min_new_tokens": g.max_completion_length}

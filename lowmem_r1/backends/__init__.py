@@ -157,11 +157,11 @@ def combination_problems(recipe, name: str) -> list[str]:
     if name == "hf" and m.load_in_4bit and (g.use_vllm or m.fast_inference):
         why = "model.backend = 'hf'" if m.backend == "hf" else "auto chose hf: unsloth is not installed"
         off = "--set generation.use_vllm=false" + (" --set model.fast_inference=false" if m.fast_inference else "")
-        return [
+        return [(
             f"model.load_in_4bit with vLLM on the hf backend ({why}): TRL's vLLM cannot receive 4-bit weight "
             f"updates (huggingface/trl#4973); ways out: {GPU_EXTRA} (Unsloth's engine shares the 4-bit weights), "
             f"or --set model.load_in_4bit=false, or {off}"
-        ]
+        )]
     return []
 
 
