@@ -32,6 +32,7 @@ from .fsutil import (
 from .recipe import Recipe, load_recipe, recipe_to_toml
 from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
 from .rundir import RunDir, checkpoint_step, disk_needed, jsonl_rows
+from .sampling import DynamicSampling
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_KEYS = {"logging", "output", "eval", "description"}
@@ -127,6 +128,8 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
         train_dataset=splits.train,
         callbacks=[MetricsLog(run.metrics), display, interrupt],
     )
+    trainer.dynamic_sampling = recipe.training.dynamic_sampling
+    trainer.max_refill_draws = recipe.training.max_refill_draws
     _quiet_default_printers(trainer)
     return trainer, tokenizer, interrupt, display
 
@@ -356,6 +359,11 @@ def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dic
         loss_type=t.loss_type,
         scale_rewards=t.scale_rewards,
         epsilon=t.epsilon,
+        epsilon_high=t.epsilon_high,
+        delta=t.delta,
+        importance_sampling_level=t.importance_sampling_level,
+        top_entropy_quantile=t.top_entropy_quantile,
+        multi_objective_aggregation=t.multi_objective_aggregation,
         num_iterations=t.num_iterations,
         mask_truncated_completions=t.mask_truncated_completions,
         lr_scheduler_type=t.lr_scheduler_type,
@@ -373,6 +381,10 @@ def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dic
         top_p=g.top_p,
         top_k=g.top_k,
         repetition_penalty=g.repetition_penalty,
+        vllm_importance_sampling_correction=g.vllm_importance_sampling_correction,
+        vllm_importance_sampling_mode=g.vllm_importance_sampling_mode,
+        vllm_importance_sampling_clip_min=g.vllm_importance_sampling_clip_min,
+        vllm_importance_sampling_clip_max=g.vllm_importance_sampling_clip_max,
         reward_weights=reward_weights,
         logging_steps=log.logging_steps,
         report_to=list(log.report_to) or "none",
@@ -384,10 +396,11 @@ def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dic
 def trainer_class():
     """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first) whose checkpoints are
     written to a staging folder and renamed into place, so a kill at any moment leaves the previous
-    checkpoint whole, and whose rotation never deletes the newest complete checkpoint."""
+    checkpoint whole, and whose rotation never deletes the newest complete checkpoint. Dynamic sampling
+    (sampling.py) rides on its generation hook."""
     from trl import GRPOTrainer
 
-    class LowmemGRPOTrainer(GRPOTrainer):
+    class LowmemGRPOTrainer(DynamicSampling, GRPOTrainer):
         def _save_checkpoint(self, model, trial):
             root = Path(self.args.output_dir)
             staging = root / ".staging"
