@@ -48,6 +48,10 @@ def print_dry_run(recipe: Recipe, path: Path | str, console: Console | None = No
     numbers.add_row("steps", str(t.max_steps))
     numbers.add_row("prompts seen in total", str(recipe.prompts_per_step() * t.max_steps * t.num_iterations))
     numbers.add_row("max tokens per completion", str(recipe.generation.max_completion_length))
+    if t.dynamic_sampling != "off":
+        numbers.add_row("groups without reward spread", "left out of the update" + (
+            f", refilled from up to {t.max_refill_draws} extra generation rounds per step"
+            if t.dynamic_sampling == "refill" else ""))
     numbers.add_row("checkpoints", f"every {t.save_steps} steps, keep {t.save_total_limit or 'all'}")
     numbers.add_row("run directory", str(recipe.run_dir()))
     console.print(numbers)

@@ -57,8 +57,10 @@ class Start:
         return cls("resume", Path(run_dir) if run_dir else recipe.run_dir(), force)
 
 
-def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None = None, console=None) -> int:
-    """Run GRPO as the recipe says. Returns the process exit code (0 done, 130 interrupted)."""
+def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None = None, console=None,
+          callbacks: tuple = ()) -> int:
+    """Run GRPO as the recipe says. Returns the process exit code (0 done, 130 interrupted).
+    `callbacks`: extra trainer callbacks (benchmarks measure held-out accuracy while training)."""
     from . import backends, progress
 
     console = console or progress.make_console()
@@ -126,7 +128,7 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
         reward_funcs=reward_funcs,
         args=config,
         train_dataset=splits.train,
-        callbacks=[MetricsLog(run.metrics), display, interrupt],
+        callbacks=[MetricsLog(run.metrics), display, interrupt, *callbacks],
     )
     trainer.dynamic_sampling = recipe.training.dynamic_sampling
     trainer.max_refill_draws = recipe.training.max_refill_draws
