@@ -83,8 +83,12 @@ class DynamicSampling:
     max_refill_draws: int = 4
 
     def _generate(self, prompts):
+        """TRL's generation, counting the completion tokens it made (TRL returns (prompt_ids, completion_ids, ...))."""
         result = super()._generate(prompts)
-        self._round_tokens = getattr(self, "_round_tokens", 0) + sum(len(ids) for ids in result[1])
+        try:
+            self._round_tokens = getattr(self, "_round_tokens", 0) + sum(len(ids) for ids in result[1])
+        except (TypeError, IndexError):  # a patched trainer with another return shape: no count
+            pass
         return result
 
     def _generate_and_score_completions(self, inputs):

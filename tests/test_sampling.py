@@ -167,3 +167,59 @@ def test_grpo_controls_reach_trl_config(tmp_path):
     assert config.top_entropy_quantile == 0.2 and config.multi_objective_aggregation == "normalize_then_sum"
     assert config.mask_truncated_completions and config.vllm_importance_sampling_correction
     assert config.vllm_importance_sampling_clip_max == 3.0
+
+
+def _train(recipe, *args, fault=None):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env.pop("LOWMEM_R1_FAULT", None)
+    if fault:
+        env["LOWMEM_R1_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "train", str(recipe), *args],
+                          capture_output=True, text=True, env=env, cwd=recipe.parent, timeout=1800)
+
+
+@pytest.mark.slow
+def test_refill_trains_on_cpu_and_resumes_exactly(tmp_path, base_model_dir):
+    """Real TRL on the embedded model: refill generates extra groups, logs them, and a run interrupted
+    after step 1 and resumed ends with the same adapter as one that was not."""
+    from safetensors.torch import load_file
+
+    from lowmem_r1.recipe import recipe_to_toml
+    from lowmem_r1.rundir import read_jsonl
+
+    def recipe(run):
+        cfg = {**controls(dynamic_sampling="refill", max_refill_draws=2, epsilon_high=0.28, max_steps=3,
+                          per_device_train_batch_size=8, num_generations=2, learning_rate=1e-3, save_steps=1,
+                          seed=7),
+               "name": run.name,
+               "model": {"name": "builtin:smollm2-135m-instruct", "backend": "hf"},
+               "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+               "data": {"source": "builtin:arithmetic", "task": "arithmetic", "generator": {"n": 64, "seed": 0}},
+               "generation": {"max_completion_length": 8},
+               "output": {"dir": str(run)}}
+        path = tmp_path / f"{run.name}.toml"
+        path.write_text(recipe_to_toml(recipe_from_dict(cfg)))
+        return path
+
+    ref = tmp_path / "ref"
+    out = _train(recipe(ref))
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = read_jsonl(ref / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert all("dynamic/extra_generations" in r and r["tokens/generated"] > 0 for r in rows)
+    assert sum(r["dynamic/extra_generations"] for r in rows) > 0  # 2 generations of a 135M model often tie
+
+    run = tmp_path / "int"
+    path = recipe(run)
+    assert _train(path, fault="step_end:1:SIGINT").returncode == 130
+    out = _train(path, "--resume")
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = load_file(str(ref / "adapter" / "adapter_model.safetensors")), load_file(
+        str(run / "adapter" / "adapter_model.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert [r["dynamic/extra_generations"] for r in read_jsonl(run / "metrics.jsonl")] == [
+        r["dynamic/extra_generations"] for r in rows]
