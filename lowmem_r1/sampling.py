@@ -76,6 +76,11 @@ def merge_batches(parts: list[tuple[dict, list[int]]], pad_token_id: int = 0) ->
     return out
 
 
+def _rows(groups: list[int], g: int) -> list[int]:
+    """Batch rows of the given groups (TRL lays a group's num_generations completions side by side)."""
+    return [r for i in groups for r in range(i * g, (i + 1) * g)]
+
+
 class DynamicSampling:
     """GRPOTrainer mixin; `dynamic_sampling` and `max_refill_draws` are set by train.trainer_class()."""
 
@@ -106,8 +111,8 @@ class DynamicSampling:
         g = self.num_generations
         wanted = len(inputs) // g
         signal = groups_with_signal(out["advantages"], g)
-        parts = [(out, [i for i, s in enumerate(signal) for i in range(i * g, (i + 1) * g) if s])]
-        zero = [(out, [i for i, s in enumerate(signal) for i in range(i * g, (i + 1) * g) if not s])]
+        parts = [(out, _rows([i for i, s in enumerate(signal) if s], g))]
+        spare = _rows([i for i, s in enumerate(signal) if not s], g)
         kept, generated, with_signal = sum(signal), len(signal), sum(signal)
         extra = draws = 0
         while self.dynamic_sampling == "refill" and kept < wanted and draws < self.max_refill_draws:
@@ -121,14 +126,13 @@ class DynamicSampling:
             generated, with_signal = generated + len(more_signal), with_signal + sum(more_signal)
             take = [i for i, s in enumerate(more_signal) if s][: wanted - kept]
             kept += len(take)
-            parts.append((more, [r for i in take for r in range(i * g, (i + 1) * g)]))
+            parts.append((more, _rows(take, g)))
         metrics["dynamic/skipped_groups"].append(float(generated - with_signal))
         metrics["dynamic/extra_generations"].append(float(extra))
         metrics["dynamic/groups_with_signal"].append(float(kept))
         # TRL splits the batch into steps_per_generation equal micro-batches: keep the row count divisible,
         # topping up with zero-signal groups (their advantage spread is 0: they move nothing) or trimming.
         chunks = self.args.steps_per_generation
-        spare = list(zero[0][1])
         total = sum(len(r) for _, r in parts)
         topped: list[int] = []
         while (total == 0 or total % chunks) and spare:
