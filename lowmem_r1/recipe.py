@@ -149,6 +149,9 @@ class GenerationSection(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
+    continuous_batching: Literal["auto", "on", "off"] = "off"
+    """Generation without vLLM through transformers' continuous batching (TRL's
+    use_transformers_continuous_batching). auto: on where it measured faster (a CPU), else off."""
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)

@@ -223,3 +223,21 @@ def test_refill_trains_on_cpu_and_resumes_exactly(tmp_path, base_model_dir):
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
     assert [r["dynamic/extra_generations"] for r in read_jsonl(run / "metrics.jsonl")] == [
         r["dynamic/extra_generations"] for r in rows]
+
+
+def test_continuous_batching_setting_resolves_and_never_applies_with_vllm(monkeypatch):
+    import torch
+
+    from lowmem_r1.train import continuous_batching
+
+    def r(value, **generation):
+        return recipe_from_dict({**controls(), "generation": {"continuous_batching": value, **generation}})
+
+    assert continuous_batching(r("on")) and not continuous_batching(r("off"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert continuous_batching(r("auto"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert not continuous_batching(r("auto"))
+    assert not continuous_batching(recipe_from_dict({**controls(), "generation": {"continuous_batching": "on"},
+                                                     "model": {"name": "builtin:smollm2-135m-instruct",
+                                                               "fast_inference": True}}))
