@@ -26,7 +26,8 @@ class TorchChunkedLogProb:
         import torch
 
         parts: dict[str, list] = {k: [] for k in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")}
-        for start in range(0, hidden.shape[0], TOKEN_CHUNK):
+        # max(.., 1): an all-masked micro-batch (mask_truncated_completions) still yields empty tensors, not None
+        for start in range(0, max(hidden.shape[0], 1), TOKEN_CHUNK):
             h = hidden[start:start + TOKEN_CHUNK]
             t = targets[start:start + TOKEN_CHUNK]
             z = torch.nn.functional.linear(h, weight, bias).float() * logit_scale

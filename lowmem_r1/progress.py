@@ -10,6 +10,7 @@ from rich.live import Live
 from rich.panel import Panel
 from rich.table import Table
 
+from . import health
 from .callbacks import Callback
 from .recipe import Recipe
 from .rundir import RunDir, read_jsonl
@@ -47,6 +48,10 @@ def print_dry_run(recipe: Recipe, path: Path | str, console: Console | None = No
     numbers.add_row("steps", str(t.max_steps))
     numbers.add_row("prompts seen in total", str(recipe.prompts_per_step() * t.max_steps * t.num_iterations))
     numbers.add_row("max tokens per completion", str(recipe.generation.max_completion_length))
+    if t.dynamic_sampling != "off":
+        numbers.add_row("groups without reward spread", "left out of the update" + (
+            f", refilled from up to {t.max_refill_draws} extra generation rounds per step"
+            if t.dynamic_sampling == "refill" else ""))
     numbers.add_row("checkpoints", f"every {t.save_steps} steps, keep {t.save_total_limit or 'all'}")
     numbers.add_row("run directory", str(recipe.run_dir()))
     console.print(numbers)
@@ -82,6 +87,8 @@ class TrainingDisplay(Callback):
         self.recorder = None
         self.started = time.time()
         self.live: Live | None = None
+        self.watch = health.HealthWatch(health.correctness_keys(recipe))
+        self.warnings: list[str] = []
 
     def __enter__(self):
         if self.console.is_terminal:
@@ -103,10 +110,14 @@ class TrainingDisplay(Callback):
         every = self.recipe.logging.sample_every
         if every and self.recorder is not None and self.recorder.last_rows and step % every == 0:
             self.sample = self.recorder.last_rows[0]["completion"]
+        new_warnings = self.watch.update(logs)
+        self.warnings += new_warnings
         if self.live is not None:
             self.live.update(self._render(step))
         else:
             self.console.print(self._line(step))
+            for w in new_warnings:
+                self.console.print(f"    warning: {w}")
             if self.sample and every and step % every == 0:
                 self.console.print(f"    sample: {self.sample[:120]!r}")
 
@@ -131,6 +142,10 @@ class TrainingDisplay(Callback):
             parts.append(f"zero-std {float(self.last['frac_reward_zero_std']):.2f}")
         if self.last.get("completions/mean_length") is not None:
             parts.append(f"len {float(self.last['completions/mean_length']):.1f}")
+        if health.number(self.last.get("grad_norm")) is not None:
+            parts.append(f"grad {float(self.last['grad_norm']):.3g}")
+        if health.number(self.last.get("dynamic/extra_generations")):
+            parts.append(f"refill +{int(self.last['dynamic/extra_generations'])}")
         parts.append(f"eta {self._eta(step)}")
         line = " | ".join(parts)
         if float(self.last.get("frac_reward_zero_std") or 0) >= 1.0:
@@ -146,12 +161,16 @@ class TrainingDisplay(Callback):
             table.add_row("reward", f"{self.rewards[-1]:.3f}  {_trend(self.rewards)}")
             for name, v in self._per_reward():
                 table.add_row(f"  {name}", f"{v:.3f}")
-            for key, label in (("reward_std", "reward std"), ("frac_reward_zero_std", "groups w/o signal"),
-                               ("completions/mean_length", "completion length"), ("kl", "kl"),
+            for key, label in (("completions/mean_length", "completion length"), ("kl", "kl"),
                                ("step_time", "step time (s)")):
                 if self.last.get(key) is not None:
                     table.add_row(label, f"{float(self.last[key]):.3f}")
+            for label, value in health.signal_rows(self.last):
+                table.add_row(label, value)
+            if "loss" in self.last:
+                table.add_row("loss", health.loss_label(self.last["loss"], self.recipe.training.beta))
         items = [table]
+        items += [f"[yellow]warning:[/] {w}" for w in self.warnings]
         if float(self.last.get("frac_reward_zero_std") or 0) >= 1.0:
             items.append("[yellow]no group has a learning signal: every completion of a prompt scored the same[/]")
         if self.sample:

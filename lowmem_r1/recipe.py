@@ -110,11 +110,28 @@ class TrainingSection(Section):
     gradient_accumulation_steps: int = Field(1, gt=0)
     num_generations: int = Field(8, ge=2)
     beta: float = Field(0.0, ge=0)
-    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo"] = "dapo"
+    loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
     scale_rewards: Literal["group", "batch", "none"] = "group"
-    epsilon: float = Field(0.2, gt=0)
+    epsilon: float = Field(0.2, gt=0, lt=1)
+    """Lower clip range of the policy ratio (1 - epsilon)."""
+    epsilon_high: float | None = Field(None, gt=0)
+    """Upper clip range (1 + epsilon_high); DAPO's clip-higher uses 0.28. Default: epsilon."""
+    delta: float | None = Field(None, gt=1)
+    """Two-sided clipping (INTELLECT-2): cap the ratio at delta for negative advantages too."""
+    importance_sampling_level: Literal["token", "sequence"] = "token"
+    """"sequence" is GSPO: one importance ratio per completion."""
+    top_entropy_quantile: float = Field(1.0, ge=0, le=1)
+    """Train only on the top share of tokens by entropy (0.2 in "Beyond the 80/20 rule"); 1 keeps all."""
+    multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
+    """normalize_then_sum (GDPO): normalise each reward within its group before the weighted sum."""
     num_iterations: int = Field(1, gt=0)
     mask_truncated_completions: bool = False
+    """Overlong filtering (DAPO): completions cut at max_completion_length do not enter the loss."""
+    dynamic_sampling: Literal["off", "skip", "refill"] = "off"
+    """Groups whose rewards all agree teach nothing. skip: leave them out of the update; refill: also
+    generate for further prompts until the step has its full number of groups with signal."""
+    max_refill_draws: int = Field(4, ge=1)
+    """refill: at most this many extra generation rounds per step (each at most one batch of prompts)."""
     lr_scheduler_type: str = "constant"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -132,9 +149,18 @@ class GenerationSection(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0)
     repetition_penalty: float = Field(1.0, gt=0)
+    continuous_batching: Literal["auto", "on", "off"] = "off"
+    """Generation without vLLM through transformers' continuous batching (TRL's
+    use_transformers_continuous_batching). auto: on where it measured faster (a CPU), else off."""
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    vllm_importance_sampling_correction: bool = True
+    """Correct for vLLM's sampling probabilities differing from the trainer's (TRL's default: on)."""
+    vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
+        "sequence_mask")
+    vllm_importance_sampling_clip_min: float | None = Field(None, ge=0)
+    vllm_importance_sampling_clip_max: float | None = Field(3.0, gt=0)
 
 
 class OutputSection(Section):
@@ -209,6 +235,7 @@ class Recipe(Section):
             raise _Combination("rewards", "the recipe has no [[rewards]]: add at least one reward table")
         if g.vllm_mode == "server" and not g.use_vllm:
             raise _Combination("generation.vllm_mode", "vllm_mode = 'server' needs generation.use_vllm = true")
+        _check_grpo_controls(self)
         return self
 
     # Numbers the run will use, shown by --dry-run and the live display.
@@ -218,6 +245,31 @@ class Recipe(Section):
 
     def run_dir(self) -> Path:
         return Path(self.output.dir) if self.output.dir else Path("runs") / self.name
+
+
+def _check_grpo_controls(recipe: "Recipe") -> None:
+    """The combinations TRL 1.15's GRPOConfig/GRPOTrainer refuse, refused here first (so --dry-run does)."""
+    t, g = recipe.training, recipe.generation
+    if t.loss_type == "luspo" and t.importance_sampling_level != "sequence":
+        raise _Combination("training.loss_type", "loss_type = 'luspo' needs training.importance_sampling_level = "
+                                                 "'sequence' (it is a GSPO variant)")
+    lo, hi = g.vllm_importance_sampling_clip_min, g.vllm_importance_sampling_clip_max
+    if lo is not None and hi is not None and lo >= hi:
+        raise _Combination("generation.vllm_importance_sampling_clip_min",
+                           f"vllm_importance_sampling_clip_min = {lo} must be below clip_max = {hi}")
+    truncate = g.vllm_importance_sampling_mode.endswith("_truncate")
+    if g.vllm_importance_sampling_correction and truncate and lo is None and hi is None:
+        raise _Combination("generation.vllm_importance_sampling_clip_max",
+                           f"vllm_importance_sampling_mode = '{g.vllm_importance_sampling_mode}' needs "
+                           f"vllm_importance_sampling_clip_max or _clip_min")
+    if (t.loss_type == "vespo" and g.use_vllm and g.vllm_importance_sampling_correction
+            and not g.vllm_importance_sampling_mode.startswith("token_")):
+        raise _Combination("generation.vllm_importance_sampling_mode",
+                           "loss_type = 'vespo' with vLLM needs vllm_importance_sampling_mode = 'token_truncate' "
+                           "or 'token_mask'")
+    if t.delta is not None and t.delta <= 1 + (t.epsilon_high or t.epsilon):
+        raise _Combination("training.delta", f"delta = {t.delta} must be above 1 + epsilon_high "
+                                             f"({1 + (t.epsilon_high or t.epsilon):g}), or it clips every update")
 
 
 class _Combination(ValueError):

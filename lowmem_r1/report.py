@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from . import health
 from .errors import UserError
 
 PLOTS = {
@@ -19,6 +20,9 @@ PLOTS = {
     "completion_length": "completion length (tokens)",
     "kl": "KL to the reference model",
     "frac_reward_zero_std": "share of groups with no reward spread (no learning signal)",
+    "grad_norm": "gradient norm (0: nothing learned)",
+    "clip_ratio": "share of tokens whose ratio was clipped",
+    "importance_sampling": "vLLM importance-sampling ratio (1: vLLM and trainer agree)",
 }
 
 
@@ -60,6 +64,10 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ("completion_length", PLOTS["completion_length"], [(length_key(rows), "mean length")]),
         ("kl", PLOTS["kl"], [("kl", "kl")]),
         ("frac_reward_zero_std", PLOTS["frac_reward_zero_std"], [("frac_reward_zero_std", "frac_reward_zero_std")]),
+        ("grad_norm", PLOTS["grad_norm"], [("grad_norm", "grad_norm")]),
+        ("clip_ratio", PLOTS["clip_ratio"], [(f"clip_ratio/{k}_mean", k) for k in ("region", "low", "high")]),
+        ("importance_sampling", PLOTS["importance_sampling"],
+         [(f"sampling/importance_sampling_ratio/{k}", k) for k in ("mean", "min", "max")]),
     ]
     panels = [p for p in panels if any(series(rows, k)[0] for k, _ in p[2])]
     written = []
@@ -112,6 +120,7 @@ def summarize(rows: list[dict]) -> list[tuple[str, float | None, float | None]]:
     w = max(1, len(rows) // 10)
     keys = ["reward"] + reward_keys(rows) + ["reward_std", length_key(rows), "completions/clipped_ratio", "kl",
                                              "frac_reward_zero_std", "entropy", "step_time"]
+    keys += [k for k, _ in health.SIGNALS if k not in keys] + ["loss"]
     out = []
     for k in keys:
         _, head = series(rows[:w], k)
@@ -163,6 +172,7 @@ def report(run_dir: str | Path | None, console=None, per_end: int = 2) -> dict[s
     rows = [r for r in read_jsonl(run.metrics) if isinstance(r, dict)]
     comps = [c for c in read_jsonl(run.completions) if isinstance(c, dict)]
     out = run.path / "report"
+    saved = _saved_recipe(run)
     with atomic_dir(out, force=True, kind="report") as tmp:
         written = [out / p.name for p in plot(rows, tmp)]
         summary = {
@@ -170,6 +180,8 @@ def report(run_dir: str | Path | None, console=None, per_end: int = 2) -> dict[s
             "max_steps": info.get("max_steps"), "logged_steps": len(rows),
             "metrics": [{"metric": k, "start": a, "end": b} for k, a, b in summarize(rows)],
             "plots": [p.name for p in written],
+            "warnings": health.scan(rows, saved),
+            "beta": saved.training.beta if saved is not None else None,
         }
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _print(console, run, info, rows, comps, summary, per_end)
@@ -196,6 +208,11 @@ def _print(console, run, info, rows, comps, summary, per_end) -> None:
         change = f"{b - a:+.3f}" if a is not None and b is not None else ""
         table.add_row(m["metric"], _num(a), _num(b), change)
     console.print(table)
+    if any(m["metric"] == "loss" for m in summary["metrics"]) and summary.get("beta") == 0:
+        console.print(Text("loss near 0 is normal for GRPO with beta = 0: judge the run by reward and grad_norm",
+                           style="dim"))
+    for w in summary.get("warnings", []):
+        console.print(Text(f"warning: {w}", style="yellow"))
     first, last = samples(comps, per_end)
     for label, picked in (("start of training", first), ("end of training", last)):
         for c in picked:
@@ -217,3 +234,13 @@ def _prompt_tail(prompt) -> str:
     text = prompt_text(prompt) if not isinstance(prompt, str) else prompt
     text = " ".join(text.split())
     return ("prompt: ..." + text[-200:]) if len(text) > 200 else f"prompt: {text}"
+
+
+def _saved_recipe(run):
+    """The run's recipe.toml, for what its rewards check; None when absent or no longer valid."""
+    from .recipe import load_recipe
+
+    try:
+        return load_recipe(run.recipe, check_rewards=False) if run.recipe.is_file() else None
+    except Exception:
+        return None

@@ -32,6 +32,7 @@ from .fsutil import (
 from .recipe import Recipe, load_recipe, recipe_to_toml
 from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
 from .rundir import RunDir, checkpoint_step, disk_needed, jsonl_rows
+from .sampling import DynamicSampling
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_KEYS = {"logging", "output", "eval", "description"}
@@ -56,8 +57,10 @@ class Start:
         return cls("resume", Path(run_dir) if run_dir else recipe.run_dir(), force)
 
 
-def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None = None, console=None) -> int:
-    """Run GRPO as the recipe says. Returns the process exit code (0 done, 130 interrupted)."""
+def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None = None, console=None,
+          callbacks: tuple = ()) -> int:
+    """Run GRPO as the recipe says. Returns the process exit code (0 done, 130 interrupted).
+    `callbacks`: extra trainer callbacks (benchmarks measure held-out accuracy while training)."""
     from . import backends, progress
 
     console = console or progress.make_console()
@@ -125,8 +128,10 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
         reward_funcs=reward_funcs,
         args=config,
         train_dataset=splits.train,
-        callbacks=[MetricsLog(run.metrics), display, interrupt],
+        callbacks=[MetricsLog(run.metrics), display, interrupt, *callbacks],
     )
+    trainer.dynamic_sampling = recipe.training.dynamic_sampling
+    trainer.max_refill_draws = recipe.training.max_refill_draws
     _quiet_default_printers(trainer)
     return trainer, tokenizer, interrupt, display
 
@@ -356,6 +361,11 @@ def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dic
         loss_type=t.loss_type,
         scale_rewards=t.scale_rewards,
         epsilon=t.epsilon,
+        epsilon_high=t.epsilon_high,
+        delta=t.delta,
+        importance_sampling_level=t.importance_sampling_level,
+        top_entropy_quantile=t.top_entropy_quantile,
+        multi_objective_aggregation=t.multi_objective_aggregation,
         num_iterations=t.num_iterations,
         mask_truncated_completions=t.mask_truncated_completions,
         lr_scheduler_type=t.lr_scheduler_type,
@@ -373,6 +383,11 @@ def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dic
         top_p=g.top_p,
         top_k=g.top_k,
         repetition_penalty=g.repetition_penalty,
+        use_transformers_continuous_batching=continuous_batching(recipe),
+        vllm_importance_sampling_correction=g.vllm_importance_sampling_correction,
+        vllm_importance_sampling_mode=g.vllm_importance_sampling_mode,
+        vllm_importance_sampling_clip_min=g.vllm_importance_sampling_clip_min,
+        vllm_importance_sampling_clip_max=g.vllm_importance_sampling_clip_max,
         reward_weights=reward_weights,
         logging_steps=log.logging_steps,
         report_to=list(log.report_to) or "none",
@@ -381,13 +396,27 @@ def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dic
     )
 
 
+def continuous_batching(recipe: Recipe) -> bool:
+    """Whether generation without vLLM goes through transformers' continuous batching; auto: on a CPU,
+    where scripts/bench_cb_generation.py measured it faster than the padded-batch `generate`."""
+    g = recipe.generation
+    if g.use_vllm or recipe.model.fast_inference or g.continuous_batching == "off":
+        return False
+    if g.continuous_batching == "on":
+        return True
+    import torch
+
+    return not torch.cuda.is_available()
+
+
 def trainer_class():
     """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first) whose checkpoints are
     written to a staging folder and renamed into place, so a kill at any moment leaves the previous
-    checkpoint whole, and whose rotation never deletes the newest complete checkpoint."""
+    checkpoint whole, and whose rotation never deletes the newest complete checkpoint. Dynamic sampling
+    (sampling.py) rides on its generation hook."""
     from trl import GRPOTrainer
 
-    class LowmemGRPOTrainer(GRPOTrainer):
+    class LowmemGRPOTrainer(DynamicSampling, GRPOTrainer):
         def _save_checkpoint(self, model, trial):
             root = Path(self.args.output_dir)
             staging = root / ".staging"

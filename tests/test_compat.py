@@ -38,3 +38,11 @@ def test_patch_applies_only_without_an_accelerator():
 
     assert patch_trl_for_cpu() is True  # no CUDA here
     assert trl_utils._ChunkedLogProbFunction is TorchChunkedLogProb
+
+
+def test_an_all_masked_micro_batch_gives_empty_tensors_not_none():
+    """mask_truncated_completions can mask every token of a micro-batch; TRL then scatters empty outputs."""
+    weight = torch.randn(11, 4, requires_grad=True)
+    log_probs, entropy, *_ = TorchChunkedLogProb.apply(
+        torch.randn(0, 4), weight, None, torch.zeros(0, dtype=torch.long), 1.0, 64, None, 1.0, ("log_probs", "entropy"))
+    assert log_probs.shape == (0,) and entropy.shape == (0,)

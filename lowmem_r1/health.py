@@ -1,0 +1,104 @@
+"""Training-health signals a user can act on, read from TRL's logged metrics (one dict per step).
+
+Shared by the live panel (progress.py) and `lowmem-r1 report`: which numbers to show, how to label them,
+and the warnings that name a likely cause and the fix.
+"""
+
+from __future__ import annotations
+
+import math
+
+from . import rewards as reward_registry
+from .recipe import Recipe
+
+ZERO_STEPS = 5
+"""Steps in a row with a correctness reward of exactly 0 before warning."""
+
+# (metric key, label) in display order; a row is shown only when the metric was logged.
+SIGNALS = [
+    ("grad_norm", "grad norm"),
+    ("reward_std", "reward std"),
+    ("frac_reward_zero_std", "groups w/o signal"),
+    ("dynamic/skipped_groups", "groups skipped"),
+    ("dynamic/extra_generations", "extra generations"),
+    ("clip_ratio/region_mean", "clipped (ratio)"),
+    ("clip_ratio/low_mean", "  clipped low"),
+    ("clip_ratio/high_mean", "  clipped high"),
+    ("completions/clipped_ratio", "truncated completions"),
+    ("entropy", "entropy"),
+    ("sampling/importance_sampling_ratio/mean", "vLLM IS ratio (mean)"),
+    ("sampling/importance_sampling_ratio/min", "  IS ratio min"),
+    ("sampling/importance_sampling_ratio/max", "  IS ratio max"),
+    ("sampling/sampling_logp_difference/mean", "vLLM-trainer logp diff"),
+]
+
+
+def number(v) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def loss_label(loss, beta: float) -> str:
+    """GRPO's loss with beta = 0 is the advantage-weighted ratio at ratio 1: about 0 by construction."""
+    v = number(loss)
+    if v is None:
+        return "n/a"
+    if beta == 0 and abs(v) < 0.05:
+        return f"{v:.4f} (near 0 is normal with beta = 0: watch reward and grad norm)"
+    return f"{v:.4f}"
+
+
+def signal_rows(logs: dict) -> list[tuple[str, str]]:
+    return [(label, f"{number(logs[key]):.3f}") for key, label in SIGNALS if number(logs.get(key)) is not None]
+
+
+def correctness_keys(recipe: Recipe) -> list[str]:
+    """Metric keys of the rewards that check answers (those reading a dataset column such as `answer`)."""
+    keys = []
+    for entry in recipe.rewards:
+        try:
+            columns = reward_registry.check(entry.name, entry.params).columns
+        except Exception:  # a user reward that cannot be inspected here: not a known correctness reward
+            continue
+        if columns:
+            keys.append(f"rewards/{entry.name.split(':')[-1]}/mean")
+    return keys
+
+
+class HealthWatch:
+    """Feed it each logged step; it returns warnings (each once) that name the likely cause."""
+
+    def __init__(self, correctness: list[str], zero_steps: int = ZERO_STEPS):
+        self.correctness, self.zero_steps = correctness, zero_steps
+        self.zero_run: dict[str, int] = {}
+        self.given: set[str] = set()
+
+    def update(self, logs: dict) -> list[str]:
+        out = []
+        for key in self.correctness:
+            v = number(logs.get(key))
+            if v is None:
+                continue
+            self.zero_run[key] = self.zero_run.get(key, 0) + 1 if v == 0 else 0
+            if self.zero_run[key] >= self.zero_steps and key not in self.given:
+                self.given.add(key)
+                name = key.split("/")[1]
+                out.append(
+                    f"reward {name} has been exactly 0 for {self.zero_run[key]} steps: the model may never write "
+                    f"the answer format the reward expects, or the answer extraction does not match the gold "
+                    f"answers; run `lowmem-r1 rewards check RECIPE` and look at a sample completion"
+                )
+        grad = number(logs.get("grad_norm"))
+        if grad == 0 and "grad_norm" not in self.given:
+            self.given.add("grad_norm")
+            zero_std = number(logs.get("frac_reward_zero_std"))
+            cause = ("every group scored the same reward (no advantage)" if zero_std == 1
+                     else "no trainable parameter received a gradient (check lora.target_modules, or all "
+                          "completions masked by mask_truncated_completions)")
+            out.append(f"grad norm is 0: nothing was learned this step; likely {cause}")
+        return out
+
+
+def scan(rows: list[dict], recipe: Recipe | None) -> list[str]:
+    """All warnings a run's metrics.jsonl deserves (for `report`)."""
+    watch = HealthWatch(correctness_keys(recipe) if recipe is not None else [])
+    return [w for r in rows for w in watch.update(r)]
