@@ -211,9 +211,12 @@ def test_grpo_with_colocated_vllm_syncs_the_trained_weights(tmp_path, monkeypatc
     recipe_path, run = write_recipe(tmp_path, steps=2)
     seen = {}
     real_attach = vllm_cpu.attach
-    monkeypatch.setattr(vllm_cpu, "attach", lambda trainer: seen.setdefault("layerwise", real_attach(trainer))
-                        or seen.setdefault("trainer", trainer))
-    monkeypatch.setattr(train_mod.vllm_cpu, "attach", vllm_cpu.attach)
+
+    def attach(trainer):  # the real one, keeping the trainer for the checks below
+        seen["trainer"], seen["layerwise"] = trainer, real_attach(trainer)
+        return seen["layerwise"]
+
+    monkeypatch.setattr(train_mod.vllm_cpu, "attach", attach)
     assert train_mod.train(load_recipe(recipe_path), recipe_path) == 0
     trainer = seen["trainer"]
     assert seen["layerwise"] is True  # chosen by the engine's layers
@@ -268,6 +271,12 @@ def test_resume_with_vllm_then_eval_through_vllm_matches_transformers(tmp_path):
         done = cli("eval", str(run), "--engine", engine, "--temperature", "0", "--out", str(out))
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
         scores[engine] = json.loads(out.read_text())
-    assert scores["vllm"]["engine"] == "vllm" and scores["hf"]["engine"] == "hf"
+        scores[engine]["texts"] = [json.loads(x)["completion"] for x in (out / "generations.jsonl").read_text().splitlines()]
     hf, vl = scores["hf"], scores["vllm"]
-    print(json.dumps({"hf": hf.get("metrics", hf), "vllm": vl.get("metrics", vl)})[:2000])
+    assert vl["engine"] == "vllm" and hf["engine"] == "hf"
+    assert len(vl["texts"]) == len(hf["texts"]) == 8
+    # Greedy answers of the trained adapter: vLLM (bf16/fp32 kernels of its own) vs transformers fp32 may
+    # part on a near-tie, so most - not all - completions are identical, and the accuracy agrees closely.
+    same = sum(a == b for a, b in zip(vl["texts"], hf["texts"]))
+    assert same >= 6, list(zip(vl["texts"], hf["texts"]))
+    assert abs(vl["metrics"]["accuracy_lenient"] - hf["metrics"]["accuracy_lenient"]) <= 0.25
