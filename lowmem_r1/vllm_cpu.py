@@ -102,6 +102,10 @@ def engine_options(config):
         kwargs.setdefault("enforce_eager", enforce_eager())
         return original(*args, **kwargs)
 
+    if not torch.distributed.is_initialized():
+        # A single process: the engine's one-rank process group needs a port of its own. A fixed one
+        # (accelerate's default 29500) collides with any other run on the machine; "0" makes TRL pick a free one.
+        os.environ["MASTER_PORT"] = "0"
     vllm_generation.LLM = llm
     try:
         yield
