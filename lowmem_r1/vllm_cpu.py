@@ -129,7 +129,7 @@ def needs_layerwise_sync(llm) -> bool:
     layers have no weight_loader); GPU engines keep TRL's own sync."""
     model = runner_of(llm).model
     for name, param in model.named_parameters():
-        if name.endswith("qkv_proj.weight") or name.endswith("o_proj.weight"):
+        if name.endswith(("qkv_proj.weight", "o_proj.weight")):
             return not hasattr(param, "weight_loader")
     return next(model.parameters()).device.type == "cpu"
 
