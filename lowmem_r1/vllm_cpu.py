@@ -103,9 +103,10 @@ def engine_options(config):
         return original(*args, **kwargs)
 
     if not torch.distributed.is_initialized():
-        # A single process: the engine's one-rank process group needs a port of its own. A fixed one
-        # (accelerate's default 29500) collides with any other run on the machine; "0" makes TRL pick a free one.
-        os.environ["MASTER_PORT"] = "0"
+        # A single process: the engine's one-rank process group needs a port of its own. Fixed ones
+        # (accelerate's 29500, TRL's first free of 29500/23456/12355/12345) collide between runs started
+        # together on one machine: take one the OS hands out.
+        os.environ["MASTER_PORT"] = str(_free_port())
     vllm_generation.LLM = llm
     try:
         yield
@@ -113,6 +114,14 @@ def engine_options(config):
         vllm_generation.LLM = original
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
 
 
 # --------------------------------------------------------------------------------------------------
