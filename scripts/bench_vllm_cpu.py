@@ -99,7 +99,8 @@ def child(args) -> None:
     recipe_path.write_text(RECIPE.format(steps=args.steps, batch=args.prompts * 4, length=length,
                                          vllm=str(vllm).lower(), run=tmp / "run"))
     threads["torch_threads_before"] = torch.get_num_threads()
-    code = T.train(load_recipe(recipe_path), recipe_path, force=True)
+    recipe = load_recipe(recipe_path)
+    code = T.train(recipe, recipe_path, T.Start.new(recipe, force=True))
     wall = time.perf_counter() - started
     rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r["step_time"] for r in rows]
