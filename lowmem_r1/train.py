@@ -33,6 +33,7 @@ from .recipe import Recipe, load_recipe, recipe_to_toml
 from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
 from .rundir import RunDir, checkpoint_step, disk_needed, jsonl_rows
 from .sampling import DynamicSampling
+from . import vllm_cpu
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_KEYS = {"logging", "output", "eval", "description"}
@@ -112,6 +113,7 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
     recorder = RewardRecorder(run.completions, recipe, start_step=checkpoint_step(checkpoint))
     reward_funcs, weights = guard_rewards(recipe, recorder)
 
+    vllm_cpu.configure()  # before trl imports vllm; nothing on a GPU or without vllm
     from trl import GRPOConfig
 
     from .compat import patch_trl_for_cpu
@@ -122,14 +124,16 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
     interrupt = Interrupt()
     display = progress.TrainingDisplay(recipe, run, console, start_step=checkpoint_step(checkpoint))
     display.recorder = recorder
-    trainer = trainer_class()(
-        model=model,
-        processing_class=tokenizer,
-        reward_funcs=reward_funcs,
-        args=config,
-        train_dataset=splits.train,
-        callbacks=[MetricsLog(run.metrics), display, interrupt, *callbacks],
-    )
+    with vllm_cpu.engine_options(config):  # TRL builds its colocated engine here
+        trainer = trainer_class()(
+            model=model,
+            processing_class=tokenizer,
+            reward_funcs=reward_funcs,
+            args=config,
+            train_dataset=splits.train,
+            callbacks=[MetricsLog(run.metrics), display, interrupt, *callbacks],
+        )
+    vllm_cpu.attach(trainer)  # vLLM-CPU's layers take a layer-wise weight sync; GPU engines keep TRL's
     trainer.dynamic_sampling = recipe.training.dynamic_sampling
     trainer.max_refill_draws = recipe.training.max_refill_draws
     _quiet_default_printers(trainer)

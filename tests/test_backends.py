@@ -49,7 +49,7 @@ def test_auto_picks_unsloth_only_with_cuda_and_unsloth(monkeypatch):
     assert backends.choose("hf")[0] == "hf" and backends.choose("unsloth")[0] == "unsloth"
 
 
-@pytest.mark.parametrize("key,section", [("fast_inference", "model"), ("use_vllm", "generation")])
+@pytest.mark.parametrize("key,section", [("fast_inference", "model")])  # use_vllm on CPU: test_vllm_cpu.py
 def test_vllm_on_cpu_is_one_clear_line(cpu, key, section):
     recipe = make(**{section: {key: True}})
     with pytest.raises(UserError) as e:

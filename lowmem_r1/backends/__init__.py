@@ -19,6 +19,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 
+from .. import vllm_cpu
 from ..errors import UserError
 
 log = logging.getLogger("lowmem_r1")
@@ -131,7 +132,12 @@ def requirements(recipe, name: str | None = None) -> list[str]:
         if not on:
             continue
         off = f"--set {key}=false"
-        if not cuda:
+        if not cuda and key == "generation.use_vllm":  # vLLM's CPU build: TRL's colocated engine (vllm_cpu.py)
+            why = vllm_cpu.usable() or (g.vllm_mode == "server" and "TRL's server-mode weight sync needs NCCL "
+                                        "(a GPU); --set generation.vllm_mode=colocate")
+            if why:
+                out.append(f"{key}: vLLM on this CPU: {why}; or {off}")
+        elif not cuda:
             out.append(
                 f"{key}: vLLM generation needs a CUDA GPU and this machine has none (a GPU recipe); run it on a "
                 f"CUDA machine, or {off} (and a small model.name) to run it here on the CPU"

