@@ -46,11 +46,21 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last complete checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start a new run over an existing run directory."),
 ) -> None:
-    """GRPO-train a model with rule-based rewards; writes a run directory."""
+    """Train a recipe (GRPO, or stage = "sft"), or every stage of a [[stages]] pipeline; writes run directories."""
     from .recipe import load_recipe
 
     if run_dir is not None and not resume:
         raise UserError(f"{run_dir}: a run directory is only taken with --resume (lowmem-r1 train RECIPE --resume RUN_DIR)")
+    from .pipeline import is_pipeline_file
+
+    if is_pipeline_file(recipe):  # [[stages]]: a multi-stage recipe (lowmem_r1/pipeline.py)
+        from .pipeline import load_pipeline, print_dry_run as print_stages, run_pipeline
+
+        p = load_pipeline(recipe, set_ or [])
+        if dry_run:
+            print_stages(p)
+            return
+        raise typer.Exit(run_pipeline(p, resume=resume, force=force))
     r = load_recipe(recipe, set_ or [])
     if dry_run:
         from .backends import preflight
@@ -322,8 +332,12 @@ def report(
     samples: int = typer.Option(2, "--samples", min=0, help="Sample completions shown from the start and the end."),
 ) -> None:
     """Plot a run's curves to RUN_DIR/report/*.png and summarize it (works while training runs)."""
+    from .pipeline import is_pipeline_dir, report as pipeline_report
     from .report import report as run_report
 
+    if run_dir is not None and is_pipeline_dir(run_dir):
+        pipeline_report(run_dir, per_end=samples)
+        return
     run_report(run_dir, per_end=samples)
 
 

@@ -19,6 +19,8 @@ PLOTS = {
     "completion_length": "completion length (tokens)",
     "kl": "KL to the reference model",
     "frac_reward_zero_std": "share of groups with no reward spread (no learning signal)",
+    "loss": "training loss (SFT: on the completion tokens)",
+    "learning_rate": "learning rate",
 }
 
 
@@ -61,6 +63,9 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ("kl", PLOTS["kl"], [("kl", "kl")]),
         ("frac_reward_zero_std", PLOTS["frac_reward_zero_std"], [("frac_reward_zero_std", "frac_reward_zero_std")]),
     ]
+    if not any("reward" in r for r in rows):  # an SFT run: its loss is the curve to watch
+        panels += [("loss", PLOTS["loss"], [("loss", "loss")]),
+                   ("learning_rate", PLOTS["learning_rate"], [("learning_rate", "learning_rate")])]
     panels = [p for p in panels if any(series(rows, k)[0] for k, _ in p[2])]
     written = []
     for name, title, lines in panels:
@@ -112,6 +117,8 @@ def summarize(rows: list[dict]) -> list[tuple[str, float | None, float | None]]:
     w = max(1, len(rows) // 10)
     keys = ["reward"] + reward_keys(rows) + ["reward_std", length_key(rows), "completions/clipped_ratio", "kl",
                                              "frac_reward_zero_std", "entropy", "step_time"]
+    if not any("reward" in r for r in rows):  # an SFT run
+        keys = ["loss", "mean_token_accuracy", "learning_rate", "grad_norm", "entropy"]
     out = []
     for k in keys:
         _, head = series(rows[:w], k)
