@@ -260,6 +260,9 @@ def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console
         started = time.time()
         if s.kind == "sample":
             console.print(f"{head}: sampling from {_sample_model(p, s)}")
+            if s.model and s.model != s.recipe.model.name:
+                console.print(f"  teacher {s.model} and student {s.recipe.model.name} may tokenize differently: fine "
+                              f"for SFT, the samples are text that the student tokenizes itself")
             from .sample import SampleSettings, print_result, sample
 
             result = sample(_sample_model(p, s), s.recipe, s.dir, SampleSettings(**s.sample))

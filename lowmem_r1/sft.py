@@ -115,6 +115,19 @@ def load_sft_splits(recipe, tokenizer):
     return train
 
 
+def drop_long(ds, tokenizer, max_length: int):
+    """(rows whose prompt + completion fit in max_length tokens, how many were dropped). TRL would cut the
+    others at max_length, and a cut answer teaches the model never to end its turn."""
+    def length(row) -> int:
+        if isinstance(row["prompt"], str):
+            return len(tokenizer(row["prompt"] + row["completion"])["input_ids"]) + 1  # + the EOS TRL adds
+        ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=True)
+        return len(ids["input_ids"])
+
+    keep = [i for i, row in enumerate(ds) if length(row) <= max_length]
+    return (ds, 0) if len(keep) == len(ds) else (ds.select(keep), len(ds) - len(keep))
+
+
 def check_sft_data(recipe, source: str = "<recipe>") -> None:
     """What --dry-run can check without loading anything heavy: a local JSON Lines / JSON file's columns
     and that every conversation has an assistant turn. Builtin generators always have gold answers; hub
@@ -193,7 +206,12 @@ def build_trainer(recipe, run, backend, model, tokenizer, callbacks, console):
 
     from .train import staged_trainer
 
-    train_ds = load_sft_splits(recipe, tokenizer)
+    train_ds, dropped = drop_long(load_sft_splits(recipe, tokenizer), tokenizer, recipe.model.max_seq_length)
+    if dropped:
+        console.print(f"[yellow]sft:[/] dropped {dropped} example(s) longer than model.max_seq_length = "
+                      f"{recipe.model.max_seq_length} tokens (TRL would cut their answers off)")
+    if len(train_ds) == 0:
+        raise UserError(f"model.max_seq_length = {recipe.model.max_seq_length}: every SFT example is longer; raise it")
     console.print(f"[bold]sft:[/] {len(train_ds)} training rows, loss on the completion (assistant) tokens only")
     overrides = {k: v for k, v in backend.grpo_overrides(recipe).items() if not k.startswith("vllm") and k != "use_vllm"}
     config = SFTConfig(**{**sft_kwargs(recipe, run), **overrides})
