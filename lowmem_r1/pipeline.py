@@ -106,7 +106,8 @@ def is_pipeline_dir(path: str | Path) -> bool:
 
 
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
-    """Read a [[stages]] TOML; `--set` overrides apply to the shared base. One-line errors name the stage."""
+    """Read a [[stages]] TOML; `--set` overrides apply to the shared base, or to one stage as
+    `stages.<index>.<key>=value`. One-line errors name the stage."""
     from .recipe import apply_override
 
     path = Path(path)
@@ -114,6 +115,8 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise UserError(f"{path}: not valid TOML ({e}); fix the syntax at that line") from None
+    for item in overrides or []:  # `training.x=..` sets the base, `stages.1.training.x=..` one stage
+        apply_override(raw, item)
     stages_raw = raw.pop("stages")
     options = raw.pop("pipeline", {})
     if not isinstance(stages_raw, list) or not stages_raw:
@@ -122,8 +125,6 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
     if unknown:
         raise UserError(f"{path}: pipeline.{sorted(unknown)[0]}: unknown key; [pipeline] takes: eval")
     raw.setdefault("name", path.stem)
-    for item in overrides or []:
-        apply_override(raw, item)
     name = raw["name"]
     out = Path(raw.get("output", {}).get("dir") or Path("runs") / name)
     stages: list[Stage] = []
@@ -226,7 +227,7 @@ def print_dry_run(p: Pipeline, console=None) -> None:
         table.add_row(str(i), s.name, s.kind, start, r.data.source, work, str(s.dir))
     console.print(table)
     console.print(f"base model: {p.stages[0].recipe.model.name}; eval after the stages: "
-                  f"{'yes (one table)' if p.eval else 'no'}; stage recipes: --dry-run --set ... applies to the base")
+                  f"{'yes (one table)' if p.eval else 'no'}; --set stages.N.key=value changes one stage")
 
 
 # --------------------------------------------------------------------------------------------------
