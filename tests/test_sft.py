@@ -101,6 +101,7 @@ def test_eval_and_report_work_on_an_sft_run(sft_run):
     assert any(m["metric"] == "loss" for m in summary["metrics"])
 
 
+@pytest.mark.slow
 def test_sft_resume_continues_from_the_checkpoint(tmp_path, base_model_dir):
     from lowmem_r1.train import train
 
