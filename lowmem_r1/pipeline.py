@@ -44,13 +44,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UserError
-from .fsutil import atomic_write_json
+from .fsutil import atomic_write_json, check_writable, is_ours, mark
 from .recipe import Recipe, recipe_from_dict
 from .rundir import RunDir
 
 KINDS = ("sft", "grpo", "sample")
 STAGE_KEYS = {"name", "stage", "from", "teacher", "sample"}
 MARKER = "pipeline.json"
+KIND = "pipeline directory"  # fsutil's output kind: --force replaces only a pipeline directory we wrote
 
 
 @dataclass
@@ -153,19 +154,25 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         stage_raw["stage"] = "sft" if kind == "sft" else "grpo"
         stage_raw.setdefault("output", {})["dir"] = str(out / sname)
         data = stage_raw.setdefault("data", {})
-        source = str(data.get("source", ""))
+        source, later = str(data.get("source", "")), None
         if source.startswith("stage:"):
             ref = source.split(":", 1)[1]
             match = next((s for s in stages if s.name == ref), None)
             if match is None or match.kind != "sample":
                 raise UserError(f"{where}: data.source = {source!r}: no earlier sample stage {ref!r}; sample "
                                 f"stages so far: {', '.join(s.name for s in stages if s.kind == 'sample') or 'none'}")
-            data["source"] = str(match.dir / "samples.jsonl")
+            samples = str(match.dir / "samples.jsonl")
             data.pop("generator", None)
             data.pop("eval_split", None)
+            # validated as soon as it exists; before that (a dry run, a first run) the rest of the stage is
+            # validated with a stand-in source, and the path is set after
+            data["source"] = samples if Path(samples).is_file() else "builtin:arithmetic"
+            later = None if Path(samples).is_file() else samples
         if start != "base" and kind != "sample":
             stage_raw.setdefault("model", {})["adapter"] = str(out / start)
         recipe = recipe_from_dict(stage_raw, source=where)
+        if later:
+            recipe.data.source = later
         if start != "base" and kind != "sample":
             prev = next(s for s in stages if s.name == start)
             if recipe.lora != prev.recipe.lora or recipe.model.name != prev.recipe.model.name:
@@ -237,13 +244,15 @@ def print_dry_run(p: Pipeline, console=None) -> None:
 def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console=None) -> int:
     """Run every stage not yet done; returns the exit code (130 when a stage was interrupted)."""
     from . import progress
-    from .train import recipe_diff, train
+    from .train import Start, recipe_diff, train
 
     console = console or progress.make_console()
     marker = p.dir / MARKER
-    if p.dir.exists() and any(p.dir.iterdir()) and not marker.is_file():
-        raise UserError(f"{p.dir}: exists and is not a pipeline directory; set output.dir to another folder")
-    if force and marker.is_file():
+    check_writable(p.dir)
+    if p.dir.exists() and not is_ours(p.dir, KIND):
+        raise UserError(f"{p.dir}: exists and is not a pipeline directory lowmem-r1 wrote; set output.dir to another "
+                        f"folder")
+    if force and p.dir.exists():
         shutil.rmtree(p.dir)
     state = _state(p)
     for i, s in enumerate(p.stages, 1):
@@ -278,7 +287,8 @@ def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console
                                 f"--resume (or --force to run the pipeline over)")
             console.print(f"{head}: " + ("fresh LoRA on the base" if s.start == "base"
                                          else f"continuing the adapter of {s.start}"))
-            code = train(s.recipe, recipe_path=p.path, resume=str(s.dir) if was_started else None, console=console)
+            start = Start.resume(s.recipe, s.dir) if was_started else Start.new(s.recipe)
+            code = train(s.recipe, recipe_path=p.path, start=start, console=console)
             if code:
                 console.print(f"pipeline stopped in stage {s.name}; continue with: lowmem-r1 train {p.path} --resume")
                 return code
@@ -297,6 +307,7 @@ def _state(p: Pipeline) -> dict:
     state.update(name=p.name, recipe=str(p.path), stages=state.get("stages", {}),
                  order=[s.name for s in p.stages], kinds={s.name: s.kind for s in p.stages})
     p.dir.mkdir(parents=True, exist_ok=True)
+    mark(p.dir, KIND)
     atomic_write_json(marker, state)
     return state
 

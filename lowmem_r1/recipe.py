@@ -250,6 +250,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_rewa
         raise UserError(f"{path}: not valid TOML ({e}); fix the syntax at that line") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file; pass a TOML recipe") from None
+    if "stages" in raw:
+        raise UserError(f"{path}: a multi-stage recipe ([[stages]]): `lowmem-r1 train` runs it; other commands take "
+                        f"a single-stage recipe or a stage's run directory (runs/<name>/<stage>)")
     raw.setdefault("name", path.stem)
     return recipe_from_dict(raw, source=str(path), overrides=overrides, check_rewards=check_rewards)
 

@@ -8,6 +8,7 @@ SFT-ready rows plus each prompt's pass rate.
     OUT/pass_rates.jsonl    per prompt: passed / k (prompt difficulty for the model that sampled)
     OUT/grpo_prompts.jsonl  (--grpo-prompts) the prompts some but not all samples solved
     OUT/sample.json         settings and counts; written last, so its presence means "complete"
+    OUT/sample-settings.json  what generated the log (a resume must match it)
 
 Generation is inference.py's (batched transformers here; its engine choice serves vLLM where present),
 scoring is evaluate.py's (the same rewards and strict "correctness" as `eval`). A rerun skips the
@@ -26,9 +27,11 @@ from pathlib import Path
 
 from .errors import UserError
 from .evaluate import correctness_rewards, score
-from .fsutil import atomic_write_json, atomic_write_text
+from .fsutil import atomic_write_json, atomic_write_text, check_writable, is_ours, mark
 from .inference import Sampling, load_generator, load_tokenizer, resolve_ref
 from .rundir import read_jsonl
+
+KIND = "sample folder"  # fsutil's output kind: the marker --force and resume look for
 
 
 @dataclass
@@ -195,14 +198,14 @@ def _rows(recipe, tokenizer, s: SampleSettings) -> list[dict]:
 
 
 def _prepare_out(out: Path, key: dict, force: bool) -> None:
-    """A new folder; or one of ours sampled with the same settings (resume or re-filter); --force starts over
-    in a folder this command wrote (never in any other)."""
-    marker = out / ".lowmem-sample.json"
-    if out.exists() and not marker.is_file():
-        if any(out.iterdir()):
-            raise UserError(f"{out}: exists and was not written by `lowmem-r1 sample`; choose another --out")
-    elif out.exists():
-        saved = json.loads(marker.read_text())
+    """A new folder; or one `sample` wrote with the same settings (resume or re-filter); --force starts over,
+    only in a folder this command wrote (fsutil's marker), never in any other."""
+    check_writable(out)
+    if out.exists() and not is_ours(out, KIND):
+        raise UserError(f"{out}: exists and was not written by `lowmem-r1 sample`; choose another --out")
+    settings = out / "sample-settings.json"
+    if settings.is_file():
+        saved = json.loads(settings.read_text())
         if saved != key:
             if not force:
                 diff = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in key.items() if saved.get(k) != v)
@@ -210,7 +213,8 @@ def _prepare_out(out: Path, key: dict, force: bool) -> None:
                                 f"choose another --out")
             shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(marker, key)
+    mark(out, KIND)
+    atomic_write_json(settings, key)
     if force and (out / "sample.json").exists():
         (out / "sample.json").unlink()
 

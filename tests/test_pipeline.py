@@ -147,3 +147,19 @@ def test_two_stage_pipeline_killed_in_stage_two_resumes_there(tmp_path, base_mod
                             text=True, cwd=tmp_path, timeout=600, env={**os.environ, "COLUMNS": "200"})
     assert report.returncode == 0, report.stderr
     assert "stage cold" in report.stdout and "stage rl" in report.stdout
+
+
+@pytest.mark.parametrize("name", ["pipeline-demo", "r1-pipeline", "distill"])
+def test_bundled_pipelines_dry_run(name):
+    path = Path(__file__).resolve().parent.parent / "recipes" / f"{name}.toml"
+    p = load_pipeline(path)
+    assert p.name == name and len(p.stages) >= 2
+    kinds = [s.kind for s in p.stages]
+    assert "sample" in kinds and "sft" in kinds
+    for s in p.stages:
+        if s.recipe.data.source.endswith("samples.jsonl"):  # stage:<name> became that stage's output file
+            assert Path(s.recipe.data.source).parent.name in [x.name for x in p.stages if x.kind == "sample"]
+    with pytest.raises(UserError, match="multi-stage recipe"):  # single-stage commands say what to do
+        from lowmem_r1.recipe import load_recipe
+
+        load_recipe(path)

@@ -103,7 +103,7 @@ def test_eval_and_report_work_on_an_sft_run(sft_run):
 
 @pytest.mark.slow
 def test_sft_resume_continues_from_the_checkpoint(tmp_path, base_model_dir):
-    from lowmem_r1.train import train
+    from lowmem_r1.train import Start, train
 
     run = tmp_path / "run"
     cfg = sft_recipe(run)
@@ -111,8 +111,8 @@ def test_sft_resume_continues_from_the_checkpoint(tmp_path, base_model_dir):
     assert train(recipe_from_dict(cfg)) == 0
     cfg["training"]["max_steps"] = 2
     with pytest.raises(UserError):  # max_steps changed: refused without --force
-        train(recipe_from_dict(cfg), resume=str(run))
-    assert train(recipe_from_dict(cfg), resume=str(run), force=True) == 0
+        train(recipe_from_dict(cfg), start=Start.resume(recipe_from_dict(cfg), run))
+    assert train(recipe_from_dict(cfg), start=Start.resume(recipe_from_dict(cfg), run, force=True)) == 0
     assert [r["step"] for r in read_jsonl(RunDir(run).metrics)] == [1, 2]
 
 
