@@ -39,9 +39,10 @@ import copy
 import json
 import shutil
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import tomllib
 
 from .errors import UserError
 from .fsutil import atomic_write_json, check_writable, is_ours, mark

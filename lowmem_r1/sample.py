@@ -77,8 +77,14 @@ class SampleResult:
 def sample(model: str, recipe, out: Path, s: SampleSettings, console=None) -> SampleResult:
     """Generate, score, filter, write. Raises UserError (exit 2) when the filter keeps nothing."""
     from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
-                               TimeRemainingColumn)
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
 
     console = console or Console(stderr=True)
     out = Path(out)

@@ -55,7 +55,7 @@ def test_every_kept_row_passes_when_scored_again(sampled):
 
 
 def test_pass_rates_and_grpo_prompts(sampled):
-    out, result, s = sampled
+    out, result, _ = sampled
     rates = read_jsonl(out / "pass_rates.jsonl")
     assert len(rates) == 6 and all(r["k"] == 4 and r["pass_rate"] == r["passed"] / 4 for r in rates)
     log = read_jsonl(out / "generations.jsonl")
