@@ -46,11 +46,21 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last complete checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start a new run over an existing run directory."),
 ) -> None:
-    """GRPO-train a model with rule-based rewards; writes a run directory."""
+    """Train a recipe (GRPO, or stage = "sft"), or every stage of a [[stages]] pipeline; writes run directories."""
     from .recipe import load_recipe
 
     if run_dir is not None and not resume:
         raise UserError(f"{run_dir}: a run directory is only taken with --resume (lowmem-r1 train RECIPE --resume RUN_DIR)")
+    from .pipeline import is_pipeline_file
+
+    if is_pipeline_file(recipe):  # [[stages]]: a multi-stage recipe (lowmem_r1/pipeline.py)
+        from .pipeline import load_pipeline, print_dry_run as print_stages, run_pipeline
+
+        p = load_pipeline(recipe, set_ or [])
+        if dry_run:
+            print_stages(p)
+            return
+        raise typer.Exit(run_pipeline(p, resume=resume, force=force))
     r = load_recipe(recipe, set_ or [])
     if dry_run:
         from .backends import preflight
@@ -280,13 +290,54 @@ def eval_(
 
 
 @app.command()
+def sample(
+    model: str = typer.Argument(..., help="Model to sample from: run directory, merged folder, hub id or builtin alias."),
+    recipe: Path = typer.Option(..., "--recipe", "-r", help="Recipe whose prompts (data, prompt) and rewards are used."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (samples.jsonl, pass_rates.jsonl, ...)."),
+    k: int = typer.Option(4, "-k", min=1, help="Completions generated per prompt."),
+    keep: int = typer.Option(1, "--keep", min=1, help="At most this many kept (deduplicated) completions per prompt."),
+    min_reward: Optional[float] = typer.Option(
+        None, "--min-reward", help="Keep completions whose weighted reward total reaches this (default: full marks on "
+        "the correctness reward)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Prompts to sample (default: all)."),
+    split: str = typer.Option("train", "--split", help="train | eval: which of the recipe's splits."),
+    temperature: float = typer.Option(0.8, "--temperature", min=0.01),
+    top_p: float = typer.Option(0.95, "--top-p", min=0, max=1),
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Completions per generation batch."),
+    seed: int = typer.Option(0, "--seed"),
+    grpo_prompts: bool = typer.Option(False, "--grpo-prompts", help="Also write grpo_prompts.jsonl: the prompts "
+                                      "some but not all samples solved (groups that give GRPO a learning signal)."),
+    force: bool = typer.Option(False, "--force", help="Start over in an --out folder sampled with other settings."),
+    set_: Optional[List[str]] = SetOpt,
+    engine: str = EngineOpt,
+) -> None:
+    """Rejection sampling / distillation data: k completions per prompt, scored by the recipe's rewards; keeps
+    those that pass as SFT-ready JSONL. Resumable: a rerun skips prompts already sampled."""
+    from rich.console import Console
+
+    from .recipe import load_recipe
+    from .sample import SampleSettings, print_result, sample as run_sample
+
+    settings = SampleSettings(k=k, keep=keep, min_reward=min_reward, limit=limit, split=split, temperature=temperature,
+                              top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
+                              engine=engine, grpo_prompts=grpo_prompts, force=force)
+    result = run_sample(model, load_recipe(recipe, set_ or []), out, settings)
+    print_result(result, k, Console())
+
+
+@app.command()
 def report(
     run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the newest in runs/)."),
     samples: int = typer.Option(2, "--samples", min=0, help="Sample completions shown from the start and the end."),
 ) -> None:
     """Plot a run's curves to RUN_DIR/report/*.png and summarize it (works while training runs)."""
+    from .pipeline import is_pipeline_dir, report as pipeline_report
     from .report import report as run_report
 
+    if run_dir is not None and is_pipeline_dir(run_dir):
+        pipeline_report(run_dir, per_end=samples)
+        return
     run_report(run_dir, per_end=samples)
 
 

@@ -296,12 +296,23 @@ def generate_all(gen: Generator, prompt_ids: list[list[int]], sampling: Sampling
 def evaluate(target: str, settings: EvalSettings, model: str | None = None, data: str | None = None,
              task: str | None = None, rewards: list[str] | None = None, console=None) -> dict:
     """Evaluate, print a table, save results.json + generations.jsonl; returns the results."""
+    from .pipeline import is_pipeline_dir
+
+    if is_pipeline_dir(target):  # every stage of a multi-stage run, one table
+        from .pipeline import evaluate_pipeline
+
+        return evaluate_pipeline(Path(target), settings, console=console)
+    return evaluate_target(resolve_target(target, model, data, task, rewards), settings, console, target)
+
+
+def evaluate_target(t: EvalTarget, settings: EvalSettings, console=None, target: str = "") -> dict:
+    """Evaluate one resolved target (a model on a recipe's prompts and rewards)."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     err = Console(stderr=True)
     console = console or Console()
-    t = resolve_target(target, model, data, task, rewards)
+    target = target or t.ref.label
     if settings.baseline and t.ref.adapter is None:
         raise UserError(f"eval {target}: --baseline compares a trained run with its base; {t.ref.label} has no "
                         f"adapter (pass a run directory, or evaluate the base model on its own)")

@@ -42,16 +42,23 @@ def print_dry_run(recipe: Recipe, path: Path | str, console: Console | None = No
     numbers = Table(title="the run will use", show_header=False)
     numbers.add_column(style="cyan")
     numbers.add_column()
-    numbers.add_row("prompts per optimizer step", str(recipe.prompts_per_step()))
-    numbers.add_row("generations per prompt", str(t.num_generations))
-    numbers.add_row("completions per step", str(per_step))
-    numbers.add_row("steps", str(t.max_steps))
-    numbers.add_row("prompts seen in total", str(recipe.prompts_per_step() * t.max_steps * t.num_iterations))
-    numbers.add_row("max tokens per completion", str(recipe.generation.max_completion_length))
-    if t.dynamic_sampling != "off":
-        numbers.add_row("groups without reward spread", "left out of the update" + (
-            f", refilled from up to {t.max_refill_draws} extra generation rounds per step"
-            if t.dynamic_sampling == "refill" else ""))
+    if recipe.stage == "sft":
+        numbers.add_row("stage", "sft: loss on the assistant (completion) tokens only")
+        numbers.add_row("examples per optimizer step", str(per_step))
+        numbers.add_row("steps", str(t.max_steps))
+        numbers.add_row("examples seen in total", str(per_step * t.max_steps))
+        numbers.add_row("max tokens per example", str(recipe.model.max_seq_length))
+    else:
+        numbers.add_row("prompts per optimizer step", str(recipe.prompts_per_step()))
+        numbers.add_row("generations per prompt", str(t.num_generations))
+        numbers.add_row("completions per step", str(per_step))
+        numbers.add_row("steps", str(t.max_steps))
+        numbers.add_row("prompts seen in total", str(recipe.prompts_per_step() * t.max_steps * t.num_iterations))
+        numbers.add_row("max tokens per completion", str(recipe.generation.max_completion_length))
+        if t.dynamic_sampling != "off":
+            numbers.add_row("groups without reward spread", "left out of the update" + (
+                f", refilled from up to {t.max_refill_draws} extra generation rounds per step"
+                if t.dynamic_sampling == "refill" else ""))
     numbers.add_row("checkpoints", f"every {t.save_steps} steps, keep {t.save_total_limit or 'all'}")
     numbers.add_row("run directory", str(recipe.run_dir()))
     console.print(numbers)
@@ -82,6 +89,7 @@ class TrainingDisplay(Callback):
         self.start_step = start_step
         self.total = recipe.training.max_steps
         self.rewards: list[float] = []
+        self.headline = "loss" if recipe.stage == "sft" else "reward"  # the number each step is judged by
         self.last: dict = {}
         self.sample: str = ""
         self.recorder = None
@@ -102,10 +110,10 @@ class TrainingDisplay(Callback):
         return False
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "reward" not in logs:
+        if not logs or self.headline not in logs:
             return
         self.last = dict(logs)
-        self.rewards.append(float(logs["reward"]))
+        self.rewards.append(float(logs[self.headline]))
         step = state.global_step
         every = self.recipe.logging.sample_every
         if every and self.recorder is not None and self.recorder.last_rows and step % every == 0:
@@ -136,7 +144,7 @@ class TrainingDisplay(Callback):
         ]
 
     def _line(self, step: int) -> str:
-        parts = [f"step {step}/{self.total}", f"reward {self.rewards[-1]:.3f} {_trend(self.rewards)}".rstrip()]
+        parts = [f"step {step}/{self.total}", f"{self.headline} {self.rewards[-1]:.3f} {_trend(self.rewards)}".rstrip()]
         parts += [f"{n} {v:.2f}" for n, v in self._per_reward()]
         if self.last.get("frac_reward_zero_std") is not None:
             parts.append(f"zero-std {float(self.last['frac_reward_zero_std']):.2f}")
@@ -158,10 +166,11 @@ class TrainingDisplay(Callback):
         table.add_column()
         table.add_row("step", f"{step}/{self.total}   eta {self._eta(step)}")
         if self.rewards:
-            table.add_row("reward", f"{self.rewards[-1]:.3f}  {_trend(self.rewards)}")
+            table.add_row(self.headline, f"{self.rewards[-1]:.3f}  {_trend(self.rewards)}")
             for name, v in self._per_reward():
                 table.add_row(f"  {name}", f"{v:.3f}")
-            for key, label in (("completions/mean_length", "completion length"), ("kl", "kl"),
+            for key, label in (("learning_rate", "learning rate"), ("mean_token_accuracy", "token accuracy"),
+                               ("completions/mean_length", "completion length"), ("kl", "kl"),
                                ("step_time", "step time (s)")):
                 if self.last.get(key) is not None:
                     table.add_row(label, f"{float(self.last[key]):.3f}")
@@ -201,6 +210,9 @@ def print_summary(run: RunDir, console: Console) -> None:
         times = [r["step_time"] for r in rows if "step_time" in r]
         if times:
             table.add_row("time per step", f"{sorted(times)[len(times) // 2]:.1f} s (median)")
+    losses = [r for r in read_jsonl(run.metrics) if "loss" in r and "reward" not in r]  # an SFT run
+    if losses:
+        table.add_row("loss (first -> last step)", f"{losses[0]['loss']:.3f} -> {losses[-1]['loss']:.3f}")
     table.add_row("steps", f"{info.get('global_step')}/{info.get('max_steps')}")
     if "seconds" in info:
         table.add_row("wall time", f"{info['seconds']:.0f} s")

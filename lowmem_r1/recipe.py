@@ -40,6 +40,9 @@ class ModelSection(Section):
     """Unsloth: UNSLOTH_VLLM_STANDBY=1, vLLM and training share memory further."""
     revision: str | None = None
     trust_remote_code: bool = False
+    adapter: str | None = None
+    """A LoRA adapter folder (or run directory) to continue training instead of a fresh LoRA: how a
+    pipeline stage starts from the previous stage. Its r and target modules must match [lora]."""
 
 
 class LoraSection(Section):
@@ -187,9 +190,10 @@ class EvalSection(Section):
 class Recipe(Section):
     name: str = "run"
     description: str = ""
-    stage: Literal["grpo"] = "grpo"
-    """The R1 pipeline stage. Only GRPO today; SFT cold start, rejection sampling and distillation
-    are planned as further stage kinds of the same recipe format."""
+    stage: Literal["grpo", "sft"] = "grpo"
+    """What `train` runs: `grpo` (reasoning RL with [[rewards]]) or `sft` (supervised fine-tuning on
+    traces: cold start, rejection-sampled or distilled data; lowmem_r1/sft.py). Multi-stage recipes
+    ([[stages]], lowmem_r1/pipeline.py) chain them."""
     model: ModelSection = Field(default_factory=ModelSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -205,7 +209,7 @@ class Recipe(Section):
     def _combinations(self) -> "Recipe":
         t, g = self.training, self.generation
         per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
-        if per_step % t.num_generations:
+        if self.stage == "grpo" and per_step % t.num_generations:
             raise _Combination(
                 "training.per_device_train_batch_size",
                 f"per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions "
@@ -231,7 +235,7 @@ class Recipe(Section):
                 f"{g.max_completion_length} is longer than model.max_seq_length = {self.model.max_seq_length}, "
                 f"vLLM's limit with fast_inference; lower one of them or raise model.max_seq_length",
             )
-        if not self.rewards:
+        if not self.rewards and self.stage == "grpo":
             raise _Combination("rewards", "the recipe has no [[rewards]]: add at least one reward table")
         if g.vllm_mode == "server" and not g.use_vllm:
             raise _Combination("generation.vllm_mode", "vllm_mode = 'server' needs generation.use_vllm = true")
@@ -298,6 +302,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, check_rewa
         raise UserError(f"{path}: not valid TOML ({e}); fix the syntax at that line") from None
     except UnicodeDecodeError:
         raise UserError(f"{path}: not a UTF-8 text file; pass a TOML recipe") from None
+    if "stages" in raw:
+        raise UserError(f"{path}: a multi-stage recipe ([[stages]]): `lowmem-r1 train` runs it; other commands take "
+                        f"a single-stage recipe or a stage's run directory (runs/<name>/<stage>)")
     raw.setdefault("name", path.stem)
     return recipe_from_dict(raw, source=str(path), overrides=overrides, check_rewards=check_rewards)
 
@@ -333,6 +340,10 @@ def recipe_from_dict(
     from .data import check_prompt
 
     check_prompt(recipe, source)
+    if recipe.stage == "sft":
+        from .sft import check_sft_data
+
+        check_sft_data(recipe, source)
     return recipe
 
 

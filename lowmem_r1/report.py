@@ -23,6 +23,8 @@ PLOTS = {
     "grad_norm": "gradient norm (0: nothing learned)",
     "clip_ratio": "share of tokens whose ratio was clipped",
     "importance_sampling": "vLLM importance-sampling ratio (1: vLLM and trainer agree)",
+    "loss": "training loss (SFT: on the completion tokens)",
+    "learning_rate": "learning rate",
 }
 
 
@@ -69,6 +71,9 @@ def plot(rows: list[dict], out: Path) -> list[Path]:
         ("importance_sampling", PLOTS["importance_sampling"],
          [(f"sampling/importance_sampling_ratio/{k}", k) for k in ("mean", "min", "max")]),
     ]
+    if not any("reward" in r for r in rows):  # an SFT run: its loss is the curve to watch
+        panels += [("loss", PLOTS["loss"], [("loss", "loss")]),
+                   ("learning_rate", PLOTS["learning_rate"], [("learning_rate", "learning_rate")])]
     panels = [p for p in panels if any(series(rows, k)[0] for k, _ in p[2])]
     written = []
     for name, title, lines in panels:
@@ -121,6 +126,8 @@ def summarize(rows: list[dict]) -> list[tuple[str, float | None, float | None]]:
     keys = ["reward"] + reward_keys(rows) + ["reward_std", length_key(rows), "completions/clipped_ratio", "kl",
                                              "frac_reward_zero_std", "entropy", "step_time"]
     keys += [k for k, _ in health.SIGNALS if k not in keys] + ["loss"]
+    if not any("reward" in r for r in rows):  # an SFT run
+        keys = ["loss", "mean_token_accuracy", "learning_rate", "grad_norm", "entropy"]
     out = []
     for k in keys:
         _, head = series(rows[:w], k)

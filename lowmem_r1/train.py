@@ -60,8 +60,8 @@ class Start:
 
 def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None = None, console=None,
           callbacks: tuple = ()) -> int:
-    """Run GRPO as the recipe says. Returns the process exit code (0 done, 130 interrupted).
-    `callbacks`: extra trainer callbacks (benchmarks measure held-out accuracy while training)."""
+    """Run the recipe's stage (GRPO, or SFT: lowmem_r1/sft.py). Returns the process exit code (0 done, 130
+    interrupted). `callbacks`: extra trainer callbacks (benchmarks measure held-out accuracy while training)."""
     from . import backends, progress
 
     console = console or progress.make_console()
@@ -75,7 +75,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None =
         console.print(f"[yellow]resume:[/] {skipped.name} is incomplete ({why}); resuming from "
                       f"{checkpoint.name if checkpoint else 'the start'}")
     _warn_if_not_fit(recipe, console)
-    trainer, tokenizer, interrupt, display = build_trainer(recipe, backend, run, checkpoint, console)
+    trainer, tokenizer, interrupt, display = build_trainer(recipe, backend, run, checkpoint, console, callbacks)
 
     with RunStatus(run, recipe, backend.name, resume_command(recipe_path, run), console, trainer) as status:
         with interrupt.installed(console), display:
@@ -90,14 +90,38 @@ def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None =
     return status.code
 
 
-def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None, console):
-    """Model, data, guarded rewards, TRL config -> (trainer, tokenizer, Ctrl-C handler, live display)."""
+def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None, console, extra_callbacks=()):
+    """Model (a fresh LoRA, or model.adapter continued), then the stage's trainer: GRPO with guarded rewards,
+    or SFT (lowmem_r1/sft.py) -> (trainer, tokenizer, Ctrl-C handler, live display)."""
+    vllm_cpu.configure()  # before anything imports vllm; nothing on a GPU or without vllm
     from transformers import set_seed
 
     from . import progress
+    from .compat import patch_trl_for_cpu
 
     set_seed(recipe.training.seed)  # LoRA's A matrices are drawn at random: same seed, same run
     model, tokenizer = backend.load(recipe)
+    if recipe.model.adapter:
+        continue_adapter(model, recipe.model.adapter, recipe)
+        console.print(f"continuing the LoRA adapter {recipe.model.adapter}")
+    patch_trl_for_cpu()
+    interrupt = Interrupt()
+    display = progress.TrainingDisplay(recipe, run, console, start_step=checkpoint_step(checkpoint))
+    callbacks = [MetricsLog(run.metrics), display, interrupt, *extra_callbacks]
+    if recipe.stage == "sft":
+        from .sft import build_trainer as build_sft_trainer
+
+        trainer = build_sft_trainer(recipe, run, backend, model, tokenizer, callbacks, console)
+    else:
+        trainer = build_grpo_trainer(recipe, run, backend, model, tokenizer, callbacks, console, checkpoint, display)
+    _preflight_disk(run, recipe, model)
+    _quiet_default_printers(trainer)
+    return trainer, tokenizer, interrupt, display
+
+
+def build_grpo_trainer(recipe: Recipe, run: RunDir, backend, model, tokenizer, callbacks, console, checkpoint,
+                       display):
+    """GRPOTrainer on the recipe's prompts, with guarded, recorded rewards."""
     from .data import load_splits
 
     splits = load_splits(recipe, tokenizer)
@@ -108,22 +132,13 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
         )
     if len(splits.train) == 0:
         raise UserError("data: no training rows left after filtering; raise data.max_prompt_length or check data.source")
-    _preflight_disk(run, recipe, model)
-
     recorder = RewardRecorder(run.completions, recipe, start_step=checkpoint_step(checkpoint))
     reward_funcs, weights = guard_rewards(recipe, recorder)
+    display.recorder = recorder
 
-    vllm_cpu.configure()  # before trl imports vllm; nothing on a GPU or without vllm
     from trl import GRPOConfig
 
-    from .compat import patch_trl_for_cpu
-
-    patch_trl_for_cpu()
-
     config = GRPOConfig(**{**grpo_kwargs(recipe, run, weights), **backend.grpo_overrides(recipe)})
-    interrupt = Interrupt()
-    display = progress.TrainingDisplay(recipe, run, console, start_step=checkpoint_step(checkpoint))
-    display.recorder = recorder
     with vllm_cpu.engine_options(config):  # TRL builds its colocated engine here
         trainer = trainer_class()(
             model=model,
@@ -131,13 +146,47 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
             reward_funcs=reward_funcs,
             args=config,
             train_dataset=splits.train,
-            callbacks=[MetricsLog(run.metrics), display, interrupt, *callbacks],
+            callbacks=callbacks,
         )
     vllm_cpu.attach(trainer)  # vLLM-CPU's layers take a layer-wise weight sync; GPU engines keep TRL's
     trainer.dynamic_sampling = recipe.training.dynamic_sampling
     trainer.max_refill_draws = recipe.training.max_refill_draws
-    _quiet_default_printers(trainer)
-    return trainer, tokenizer, interrupt, display
+    return trainer
+
+
+def continue_adapter(model, adapter: str, recipe: Recipe) -> None:
+    """Load a saved LoRA adapter's weights into the freshly built LoRA of the same shape (a pipeline stage
+    continuing the previous one). Works for both backends: each returns a peft model of the recipe's [lora]."""
+    import json
+
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    path = adapter_folder(adapter)
+    config = json.loads((path / "adapter_config.json").read_text())
+    want = recipe.lora
+    targets = want.target_modules if isinstance(want.target_modules, str) else sorted(want.target_modules)
+    have = config.get("target_modules")
+    have = have if isinstance(have, str) else sorted(have or [])
+    if config.get("r") != want.r or (targets != "all-linear" and have != targets):
+        raise UserError(
+            f"model.adapter {adapter}: its LoRA (r={config.get('r')}, target_modules={have}) differs from [lora] "
+            f"(r={want.r}, target_modules={targets}); use the same [lora] to continue it"
+        )
+    result = set_peft_model_state_dict(model, load_peft_weights(str(path)))
+    if getattr(result, "unexpected_keys", None):
+        raise UserError(f"model.adapter {adapter}: weights that do not fit this model ({result.unexpected_keys[:2]}...)")
+
+
+def adapter_folder(adapter: str) -> Path:
+    """An adapter folder, or a run directory's final adapter."""
+    path = Path(adapter)
+    if (path / "run.json").is_file():
+        path = RunDir(path).latest_adapter()
+    if not (path / "adapter_config.json").is_file():
+        raise UserError(f"model.adapter {adapter}: no LoRA adapter there (no adapter_config.json); name an adapter "
+                        f"folder or a finished run directory")
+    return path
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +375,7 @@ def _write_info(run: RunDir, recipe: Recipe, backend: str, status: str, step: in
         backend=backend,
         load_in_4bit=recipe.model.load_in_4bit,
         status=status,
+        stage=recipe.stage,
         global_step=step,
         max_steps=recipe.training.max_steps,
     )
@@ -414,13 +464,19 @@ def continuous_batching(recipe: Recipe) -> bool:
 
 
 def trainer_class():
-    """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first) whose checkpoints are
-    written to a staging folder and renamed into place, so a kill at any moment leaves the previous
-    checkpoint whole, and whose rotation never deletes the newest complete checkpoint. Dynamic sampling
-    (sampling.py) rides on its generation hook."""
+    """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first), checkpoints staged;
+    dynamic sampling (sampling.py) rides on its generation hook."""
     from trl import GRPOTrainer
 
-    class LowmemGRPOTrainer(DynamicSampling, GRPOTrainer):
+    return staged_trainer(type("GRPOTrainer", (DynamicSampling, GRPOTrainer), {}))
+
+
+def staged_trainer(base):
+    """A TRL trainer class whose checkpoints are written to a staging folder and renamed into place, so a
+    kill at any moment leaves the previous checkpoint whole, and whose rotation never deletes the newest
+    complete checkpoint. GRPO and SFT runs share it."""
+
+    class Staged(base):
         def _save_checkpoint(self, model, trial):
             root = Path(self.args.output_dir)
             staging = root / ".staging"
@@ -444,7 +500,8 @@ def trainer_class():
                 for old in complete[: max(0, len(complete) - limit)]:
                     shutil.rmtree(old, ignore_errors=True)
 
-    return LowmemGRPOTrainer
+    Staged.__name__ = Staged.__qualname__ = f"Lowmem{base.__name__}"
+    return Staged
 
 
 def _fsync_tree(path: Path) -> None:

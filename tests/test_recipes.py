@@ -11,10 +11,12 @@ from typer.testing import CliRunner
 
 from lowmem_r1.cli import app
 from lowmem_r1.data import gold_completion, load_splits
+from lowmem_r1.pipeline import is_pipeline_file
 from lowmem_r1.recipe import load_recipe
 from lowmem_r1.rewards import REGISTRY, build
 
-RECIPES = sorted((Path(__file__).resolve().parent.parent / "recipes").glob("*.toml"))
+RECIPES = sorted(p for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.toml")
+                 if not is_pipeline_file(p))  # [[stages]] recipes: tests/test_pipeline.py
 GPU_RECIPES = [p for p in RECIPES if p.stem != "demo"]
 
 # Rewards with full marks for any correct, well-formed answer. The others measure something a gold answer
