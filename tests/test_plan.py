@@ -25,6 +25,7 @@ PINNED = {
     "countdown.toml": ("unsloth", 15.45, True, 60, 6409),
     "numina-math.toml": ("unsloth", 12.77, True, 80, 9196),
     "boxed-qlora.toml": ("unsloth", 15.49, True, 54, 7725),
+    "dapo.toml": ("unsloth", 15.42, True, 68, 3585),
 }
 
 
