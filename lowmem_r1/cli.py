@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 
+from .data import TASKS
 from .errors import UserError, printable
 
 app = typer.Typer(
@@ -119,7 +120,7 @@ def rewards_list() -> None:
     """Every builtin reward: parameters (defaults), dataset columns, full marks, what it scores."""
     from rich.console import Console
 
-    from .rewards.scoring import reward_table
+    from .reward_debug import reward_table
 
     Console().print(reward_table())
 
@@ -137,7 +138,7 @@ def rewards_score(
     from rich.console import Console
 
     from .recipe import load_recipe
-    from .rewards.scoring import parse_columns, read_completion, score_completion
+    from .reward_debug import parse_columns, read_completion, score_completion
 
     r = load_recipe(recipe, set_ or [])
     report = score_completion(r, read_completion(text, file), row_index=row, columns=parse_columns(column))
@@ -155,7 +156,7 @@ def rewards_check(
     from rich.console import Console
 
     from .recipe import load_recipe
-    from .rewards.scoring import check_gold
+    from .reward_debug import check_gold
 
     report = check_gold(load_recipe(recipe, set_ or []), limit=limit, min_share=min_share)
     Console().print(report.render())
@@ -268,7 +269,7 @@ def eval_(
     baseline: bool = typer.Option(False, "--baseline", help="Also score the base model; print the difference."),
     model: Optional[str] = typer.Option(None, "--model", help="Model to score on a recipe's eval split."),
     data: Optional[str] = typer.Option(None, "--data", help="Eval file (jsonl/json/parquet/csv) or hub dataset."),
-    task: Optional[str] = typer.Option(None, "--task", help="arithmetic | gsm8k | countdown | math | generic."),
+    task: Optional[str] = typer.Option(None, "--task", help=" | ".join(TASKS) + "."),
     reward: Optional[List[str]] = typer.Option(None, "--reward", help="Score these rewards instead (repeatable)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Prompts to score (default: eval.size)."),
     samples: int = typer.Option(1, "--samples", "-k", min=1, help="Samples per prompt: pass@k and maj@k."),

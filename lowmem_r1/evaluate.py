@@ -11,6 +11,7 @@ unless --samples k asks for pass@k and majority vote.
 
 from __future__ import annotations
 
+import json
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,20 +19,13 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from .data import TASKS, get_task, load_splits
 from .errors import UserError
+from .fsutil import atomic_dir, refuse_existing
 from .inference import Completion, Generator, ModelRef, Sampling, load_generator, load_tokenizer, resolve_ref
-
-GOLD_COLUMN = {"arithmetic": "answer", "gsm8k": "answer", "math": "answer", "generic": "answer"}
-"""The column holding a task's single right answer (countdown has none: many expressions are right)."""
-
-DEFAULT_REWARDS = {
-    "arithmetic": ["answer_match"],
-    "gsm8k": ["answer_match"],
-    "math": ["math_accuracy"],
-    "generic": ["answer_match"],
-    "countdown": ["countdown_equation"],
-}
-"""Rewards scored when a model is evaluated on --data/--task without a recipe."""
+from .recipe import load_recipe, recipe_from_dict
+from .recipe_rewards import RecipeRewards, RewardError
+from .rewards.extract import answers_equal, extract_answer, normalize_text, parse_number
 
 
 @dataclass
@@ -73,8 +67,6 @@ def resolve_target(target: str, model: str | None = None, data: str | None = Non
                    rewards: list[str] | None = None) -> EvalTarget:
     """A run directory, a recipe (its trained run if there is one, else its base model) or a model with
     --data and --task."""
-    from .recipe import load_recipe, recipe_from_dict
-
     path = Path(target)
     if path.is_dir() and (path / "run.json").is_file():
         recipe = load_recipe(path / "recipe.toml") if (path / "recipe.toml").is_file() else None
@@ -112,7 +104,7 @@ def resolve_target(target: str, model: str | None = None, data: str | None = Non
         }
         raw["data"] = {"source": data, "task": task, "shuffle": False}
         if rewards or recipe is None or recipe.data.task != task:  # another task needs its own rewards
-            names = rewards or DEFAULT_REWARDS.get(task, ["answer_match"])
+            names = rewards or list(TASKS[task].rewards if task in TASKS else ["answer_match"])
             raw["rewards"] = [{"name": n} for n in names]
         try:
             recipe = recipe_from_dict(raw, source="eval")
@@ -129,8 +121,6 @@ def resolve_target(target: str, model: str | None = None, data: str | None = Non
 
 def eval_rows(target: EvalTarget, tokenizer, limit: int | None) -> list[dict]:
     """The held-out rows, built by the same data pipeline as training."""
-    from .data import load_splits
-
     splits = load_splits(target.recipe, tokenizer)
     ds = splits.eval if target.rows_from == "eval" else splits.train
     if ds is None:
@@ -150,35 +140,22 @@ def eval_rows(target: EvalTarget, tokenizer, limit: int | None) -> list[dict]:
 
 
 def correctness_rewards(recipe) -> list[tuple[str, float]]:
-    """(name, full marks) of the rewards that judge the answer: they read a gold column and have full
-    marks. `eval.strict_reward` in the recipe names one explicitly."""
-    from . import rewards
-
-    chosen = getattr(recipe.eval, "strict_reward", None)
-    found = []
-    for entry in recipe.rewards:
-        if chosen and entry.name != chosen:
-            continue
-        spec = rewards.check(entry.name, entry.params)
-        full = spec.full_marks(entry.params) if hasattr(spec, "full_marks") else None
-        reads_gold = bool(set(spec.columns) & {"answer", "target", "solution", "nums"})
-        if chosen or (reads_gold and full is not None):
-            found.append((entry.name, float(full) if full is not None else 1.0))
-    return found[:1]
+    """(name, full marks) of the reward that judges the answer: the first that reads a gold column and has
+    full marks."""
+    for r in RecipeRewards.from_recipe(recipe):
+        if set(r.spec.columns) & {"answer", "target", "solution", "nums"} and r.full_marks is not None:
+            return [(r.name, float(r.full_marks))]
+    return []
 
 
 def lenient_correct(text: str, gold: Any) -> bool:
     """The gold answer appears as the answer anywhere: tag/boxed/last number, whichever matches."""
-    from .rewards.extract import answers_equal, extract_answer
-
     if gold is None:
         return False
     return any(answers_equal(extract_answer(text, mode), gold) for mode in ("auto", "boxed", "last_number"))
 
 
 def _vote_key(text: str) -> str | None:
-    from .rewards.extract import extract_answer, normalize_text, parse_number
-
     ans = extract_answer(text, "auto")
     if ans is None:
         return None
@@ -188,8 +165,7 @@ def _vote_key(text: str) -> str | None:
 
 def score(recipe, rows: list[dict], outs: list[list[Completion]], label: str) -> Scored:
     """Every metric for one model's completions (`outs[i]`: the samples for `rows[i]`)."""
-    from . import rewards
-
+    rewards = RecipeRewards.from_recipe(recipe)
     k = len(outs[0]) if outs else 1
     prompts, completions, columns = [], [], {}
     texts = []
@@ -197,23 +173,17 @@ def score(recipe, rows: list[dict], outs: list[list[Completion]], label: str) ->
         for c in samples:
             prompts.append(row["prompt"])
             texts.append(c.text)
-            completions.append(c.text if isinstance(row["prompt"], str) else [{"role": "assistant", "content": c.text}])
+            completions.append(rewards.wrap(c.text, row["prompt"]))
             for key, value in row.items():
                 if key != "prompt":
                     columns.setdefault(key, []).append(value)
     ids = [c.ids for samples in outs for c in samples]
-    values: dict[str, list] = {}
-    for entry in recipe.rewards:
-        func = rewards.build(entry.name, **entry.params)
-        try:
-            got = func(prompts=prompts, completions=completions, completion_ids=ids, **columns)
-        except Exception as e:  # noqa: BLE001  (on_error = "skip" is the recipe's call)
-            if entry.on_error != "skip":
-                raise UserError(f"reward {entry.name} failed during eval: {type(e).__name__}: {e}") from None
-            got = [None] * len(texts)
-        values[entry.name] = list(got)
+    try:
+        values = rewards.score_all(prompts, completions, completion_ids=ids, **columns)
+    except RewardError as e:  # on_error = "raise"; "skip" scores None
+        raise UserError(f"reward {e.reward.name} failed during eval: {e}") from None
     strict = correctness_rewards(recipe)
-    gold_col = GOLD_COLUMN.get(recipe.data.task)
+    gold_col = get_task(recipe.data).gold_column
     has_gold = gold_col is not None and gold_col in columns
     n = len(texts)
 
@@ -234,8 +204,6 @@ def score(recipe, rows: list[dict], outs: list[list[Completion]], label: str) ->
         groups = [range(i * k, (i + 1) * k) for i in range(len(rows))]
         metrics[f"pass@{k}"] = mean([float(any(is_strict(j) for j in g)) for g in groups]) if strict else None
         if has_gold:
-            from .rewards.extract import answers_equal
-
             votes = []
             for g in groups:
                 keys = [kk for kk in (_vote_key(texts[j]) for j in g) if kk is not None]
@@ -246,8 +214,7 @@ def score(recipe, rows: list[dict], outs: list[list[Completion]], label: str) ->
                 pick = next(texts[j] for j in g if _vote_key(texts[j]) == winner)
                 votes.append(float(answers_equal(_extracted(pick), columns[gold_col][g[0]])))
             metrics[f"maj@{k}"] = mean(votes)
-    weights = {e.name: e.weight for e in recipe.rewards}
-    totals = [sum(weights[nm] * v[j] for nm, v in values.items() if v[j] is not None) for j in range(n)]
+    totals = [rewards.total(v[j] for v in values.values()) for j in range(n)]
     metrics["reward"] = mean(totals)
     for name, v in values.items():
         metrics[f"rewards/{name}"] = mean(v)
@@ -268,8 +235,6 @@ def score(recipe, rows: list[dict], outs: list[list[Completion]], label: str) ->
 
 
 def _extracted(text: str) -> str | None:
-    from .rewards.extract import extract_answer
-
     return extract_answer(text, "auto")
 
 
@@ -319,8 +284,6 @@ def evaluate_target(t: EvalTarget, settings: EvalSettings, console=None, target:
     if settings.samples < 1:
         raise UserError(f"--samples {settings.samples}: must be at least 1")
     if settings.out is not None:  # fail before the work, not after it
-        from .fsutil import refuse_existing
-
         refuse_existing(Path(settings.out), settings.force, "eval results folder", inputs=_inputs(t))
     recipe = t.recipe
     tokenizer = load_tokenizer(t.ref)
@@ -388,10 +351,6 @@ def _inputs(t: EvalTarget) -> tuple:
 
 def save(results: dict, records: list[dict], t: EvalTarget, s: EvalSettings) -> Path:
     """results.json + generations.jsonl in a new folder (<run>/eval/<time>/), renamed into place whole."""
-    import json
-
-    from .fsutil import atomic_dir
-
     out = s.out or t.out_root / datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
     with atomic_dir(Path(out), s.force, "eval results folder", inputs=_inputs(t)) as tmp:
         (tmp / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")

@@ -16,7 +16,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from . import rewards
+from .data import TASKS, check_prompt, get_task
 from .errors import UserError
+from .models import check_name
 
 BUILTIN_DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
@@ -59,7 +62,8 @@ class DataSection(Section):
     source: str = "builtin:arithmetic"
     """Hub id, local file or folder (jsonl/json/parquet/csv), or a generator: builtin:arithmetic,
     builtin:countdown."""
-    task: Literal["arithmetic", "gsm8k", "countdown", "math", "generic"] = "arithmetic"
+    task: Literal[tuple(TASKS)] = "arithmetic"  # type: ignore[valid-type]
+    """One of lowmem_r1.data.tasks.TASKS: arithmetic, gsm8k, countdown, math, generic."""
     config: str | None = None
     split: str = "train"
     eval_split: str | None = None
@@ -322,8 +326,6 @@ def recipe_from_dict(
         raise UserError(_one_line(e, source, raw)) from None
     except _Combination as e:  # raised directly when pydantic does not wrap it
         raise UserError(f"{source}: {e.key}: {e.message}") from None
-    from .models import check_name
-
     try:
         check_name(recipe.model.name)
     except UserError as e:
@@ -337,8 +339,6 @@ def recipe_from_dict(
         raise UserError(f"{source}: {e}") from None
     if check_rewards:
         check_recipe_rewards(recipe, source)
-    from .data import check_prompt
-
     check_prompt(recipe, source)
     if recipe.stage == "sft":
         from .sft import check_sft_data
@@ -388,10 +388,7 @@ def check_model_sizes(recipe: Recipe, source: str) -> None:
 
 def check_recipe_rewards(recipe: Recipe, source: str) -> None:
     """Unknown reward names, bad parameters and missing dataset columns fail here, not at step 1."""
-    from . import rewards
-    from .data import task_columns
-
-    available = task_columns(recipe.data)
+    available = get_task(recipe.data).reward_columns(recipe.data)
     for i, entry in enumerate(recipe.rewards):
         key = f"rewards[{i}] ({entry.name})"
         try:

@@ -75,14 +75,16 @@ def test_force_replaces_only_our_own_output_of_the_same_kind(tmp_path):
 @pytest.mark.parametrize("result", [["1.0", "0.5"], [float("nan"), 1.0], [1.0], 1.0, "10", {"a": 1},
                                     [float("inf"), 0.0], [object(), 1.0]])
 def test_reward_returning_the_wrong_thing_stops_with_one_message(result):
+    from lowmem_r1.recipe_rewards import RecipeRewards, Reward
     from lowmem_r1.reward_guard import BadRewardValues, RewardFailure, RewardRecorder, _guard, check_values
 
     with pytest.raises(BadRewardValues):
         check_values(result, 2)
     recorder = RewardRecorder(Path("/nonexistent/c.jsonl"), type("R", (), {"output": type("O", (), {
         "completions_fraction": 1.0})(), "training": type("T", (), {"seed": 0})()})())
-    recorder.names = ["mine"]
-    guarded = _guard(lambda prompts, completions, **kw: result, "mine", "raise", recorder, 0)
+    mine = Reward("mine", "mine", 1.0, "raise", {}, None, lambda prompts, completions, **kw: result)
+    recorder.rewards = RecipeRewards([mine])
+    guarded = _guard(recorder.rewards, mine, recorder, 0)
     with pytest.raises(RewardFailure) as e:
         guarded(prompts=["p", "q"], completions=["a", "b"])
     assert str(e.value).startswith("reward 'mine' ") and "Traceback" not in str(e.value)

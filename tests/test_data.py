@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from lowmem_r1.data import TASK_COLUMNS, answer_format, gold_completion, load_splits
+from lowmem_r1.data import TASKS, answer_format, gold_completion, load_splits
 from lowmem_r1.errors import UserError
 from lowmem_r1.recipe import recipe_from_dict
 from lowmem_r1.rewards import build
@@ -45,7 +45,7 @@ def gsm8k_test(gsm8k_dir):
 def test_gsm8k_every_row_has_a_numeric_answer(gsm8k_test, gsm8k_dir):
     raw = [json.loads(line) for line in (gsm8k_dir / "test.jsonl").read_text().splitlines()]
     assert len(raw) == 1319 and len(gsm8k_test) == 1319
-    assert set(gsm8k_test.column_names) == {"prompt", *TASK_COLUMNS["gsm8k"]}
+    assert set(gsm8k_test.column_names) == {"prompt", *TASKS["gsm8k"].columns}
     for row, src in zip(gsm8k_test, raw):
         float(row["answer"])  # raises if not numeric
         assert "," not in row["answer"] and "$" not in row["answer"]
@@ -80,7 +80,7 @@ def test_gold_answer_in_each_format_gets_full_marks(gsm8k_test, preset):
     golds = [gold_completion(row, r) for row in rows]
     prompts = [row["prompt"] for row in rows]
     comps = [[{"role": "assistant", "content": g}] for g in golds]
-    cols = {c: [row[c] for row in rows] for c in TASK_COLUMNS["gsm8k"]}
+    cols = {c: [row[c] for row in rows] for c in TASKS["gsm8k"].columns}
     assert correct(prompts=prompts, completions=comps, **cols) == [1.0] * len(rows)
     assert auto(prompts=prompts, completions=comps, **cols) == [1.0] * len(rows)
     for f in formats:

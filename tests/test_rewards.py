@@ -106,14 +106,14 @@ def test_user_reward_from_file(tmp_path):
 def test_user_reward_file_is_imported_once(tmp_path):
     """Validation, rewards score/check and the trainer all load the reward: the user's file runs once."""
     from lowmem_r1.recipe import recipe_from_dict
-    from lowmem_r1.rewards.scoring import recipe_rewards
+    from lowmem_r1.recipe_rewards import RecipeRewards
 
     log = tmp_path / "imports.log"
     f = tmp_path / "counted.py"
     f.write_text(f"open({str(log)!r}, 'a').write('x')\n"
                  "def short(prompts, completions, **kw):\n    return [1.0 for c in completions]\n")
     recipe = recipe_from_dict({"rewards": [{"name": f"{f}:short"}]})
-    assert recipe_rewards(recipe)[0].func(prompts=None, completions=["a"]) == [1.0]
+    assert RecipeRewards.from_recipe(recipe).rewards[0].func(prompts=None, completions=["a"]) == [1.0]
     rewards.build(f"{f}:short")
     assert log.read_text() == "x"
 

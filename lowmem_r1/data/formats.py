@@ -12,6 +12,7 @@ from __future__ import annotations
 import re
 
 from ..errors import UserError
+from .tasks import get_task
 
 SYSTEM_PRESETS: dict[str, str] = {
     # DeepSeek-R1 paper, Table 1 (the R1-Zero training template), as a system prompt.
@@ -130,8 +131,6 @@ def after_prefix(text: str, prefix: str) -> str:
 
 def gold_completion(row: dict, recipe) -> str:
     """The row's known answer written as a perfect completion for this recipe (format and prefix)."""
-    from .tasks import gold_parts
-
-    reasoning, answer = gold_parts(row, recipe.data)
+    reasoning, answer = get_task(recipe.data).gold(row)
     text = write_answer(answer_format(recipe.prompt), reasoning, answer)
     return after_prefix(text, recipe.prompt.assistant_prefix) if recipe.prompt.assistant_prefix else text

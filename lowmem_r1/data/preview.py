@@ -8,11 +8,17 @@ how many prompts data.max_prompt_length would drop.
 from __future__ import annotations
 
 import statistics
+from typing import Any
 
 from ..errors import UserError
 from .formats import answer_format, gold_completion
 from .splits import prepare, prompt_lengths, prompt_texts
-from .tasks import describe_value
+
+
+def describe_value(value: Any, width: int = 160) -> str:
+    text = value if isinstance(value, str) else repr(value)
+    text = text.replace("\n", "\\n")
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def load_tokenizer(model):

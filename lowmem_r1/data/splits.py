@@ -15,10 +15,9 @@ import logging
 from typing import Any, NamedTuple
 
 from ..errors import UserError
-from . import task_columns
 from .formats import build_messages, check_template, fill_template
 from .sources import load_file, load_source
-from .tasks import adapter, default_user_template
+from .tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +87,10 @@ def to_prompts(raw, recipe, tokenizer=None, name: str = "train"):
     import datasets
 
     data, prompt = recipe.data, recipe.prompt
-    adapt = adapter(data)
-    template = prompt.user or default_user_template(data, raw.column_names)
-    out_columns = sorted(task_columns(data) or ())
+    task = get_task(data)
+    adapt = task.adapter(data)
+    template = prompt.user or task.user_template(raw.column_names)
+    out_columns = sorted(task.reward_columns(data) or ())
     check_template(template, sorted(set(raw.column_names) | set(out_columns)))
     rows, skipped = [], 0
     for row in raw:

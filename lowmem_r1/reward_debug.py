@@ -4,16 +4,25 @@ dataset's gold answers get full marks.
     reward_table()                         -> the registry as a table (`lowmem-r1 rewards list`)
     score_completion(recipe, text, row)    -> each reward and the weighted total (`rewards score`)
     check_gold(recipe, limit)              -> how many gold answers get full marks (`rewards check`)
+
+Rewards are called through RecipeRewards (as in training and eval), except that a reward that raises is
+reported in the table, whatever its on_error: this is a debugging tool.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from .registry import REGISTRY, REQUIRED, RewardSpec, build, check
+from .data import gold_completion, load_splits
+from .data.preview import load_tokenizer
+from .errors import UserError
+from .recipe import _parse_value
+from .recipe_rewards import RecipeRewards, Reward, RewardError
+from .rewards import REGISTRY, REQUIRED
 
 
 def reward_table():
@@ -50,55 +59,17 @@ def reward_table():
 # Building a recipe's rewards and calling them like TRL does
 
 
-@dataclass
-class _Reward:
-    name: str
-    weight: float
-    spec: RewardSpec
-    func: Any
-    params: dict
-    on_error: str = "raise"
-
-
-def recipe_rewards(recipe) -> list[_Reward]:
-    out = []
-    for entry in recipe.rewards:
-        spec = check(entry.name, entry.params)
-        out.append(
-            _Reward(
-                entry.name,
-                entry.weight,
-                spec,
-                build(entry.name, **entry.params),
-                entry.params,
-                entry.on_error,
-            )
-        )
-    return out
-
-
-def _call(reward: _Reward, prompts: list, completions: list, columns: dict, completion_ids=None) -> list:
-    """One TRL-style call; a user reward that raises is reported, not fatal (this is a debugging tool)."""
+def _call(rewards: RecipeRewards, reward: Reward, prompts: list, completions: list, columns: dict,
+          completion_ids=None) -> list:
+    """One TRL-style call; a reward that raises is reported (`error: ...` strings), not fatal."""
     try:
-        out = reward.func(prompts=prompts, completions=completions, completion_ids=completion_ids, **columns)
-    except Exception as e:
-        return [f"error: {type(e).__name__}: {e}"] * len(completions)
-    if not isinstance(out, (list, tuple)) or len(out) != len(completions):
-        return [
-            f"error: returned {type(out).__name__} of length {len(out) if hasattr(out, '__len__') else '?'}, "
-            f"expected a list of {len(completions)}"
-        ] * len(completions)
-    return list(out)
-
-
-def _as_completion(text: str, prompt: Any) -> Any:
-    """The completion as TRL passes it: a str for string prompts, else an assistant message list."""
-    return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
+        return rewards.call(reward, prompts, completions, on_error="raise", completion_ids=completion_ids,
+                            **columns)[0]
+    except RewardError as e:
+        return [f"error: {e}"] * len(completions)
 
 
 def _rows(recipe, tokenizer=None):
-    from ..data import load_splits
-
     return load_splits(recipe, tokenizer).train
 
 
@@ -107,8 +78,6 @@ def _tokenizer_if_needed(recipe):
     then lengths are also measured in tokens. Otherwise None: lengths in characters, no model files read."""
     if not recipe.prompt.assistant_prefix:
         return None
-    from ..data.preview import load_tokenizer
-
     return load_tokenizer(recipe.model)
 
 
@@ -137,11 +106,12 @@ class ScoreReport:
     completion: str
     scores: list[tuple[str, float, Any]]
     """(reward name, weight, score: float, None for not applicable, or an error string)."""
+    rewards: RecipeRewards
 
     @property
     def total(self) -> float:
-        """TRL's total: the weighted sum of the rewards that apply (None is skipped)."""
-        return sum(w * s for _, w, s in self.scores if _is_number(s))
+        """TRL's total: the weighted sum of the rewards that apply (None and errors are skipped)."""
+        return self.rewards.total(s if _is_number(s) else None for _, _, s in self.scores)
 
     def render(self):
         from rich.markup import escape
@@ -194,17 +164,19 @@ def score_completion(recipe, completion: str, row_index: int = 0, columns: dict 
     row = dict(rows[row_index])
     row.update(columns or {})
     prompt = row.get("prompt")
+    rewards = RecipeRewards.from_recipe(recipe)
     scores = []
-    for r in recipe_rewards(recipe):
+    for r in rewards:
         out = _call(
+            rewards,
             r,
             [prompt],
-            [_as_completion(completion, prompt)],
+            [rewards.wrap(completion, prompt)],
             {k: [v] for k, v in _columns(row).items()},
             _ids(tokenizer, [completion]),
         )
         scores.append((r.name, r.weight, out[0]))
-    return ScoreReport(row, prompt, completion, scores)
+    return ScoreReport(row, prompt, completion, scores, rewards)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -299,8 +271,6 @@ class CheckReport:
 def check_gold(recipe, limit: int = 200, min_share: float = 0.9) -> CheckReport:
     """Score each row's gold answer (written by lowmem_r1.data.gold_completion in the recipe's answer format,
     after its assistant prefix) with every reward, in batches as TRL would, and count full marks."""
-    from ..data import gold_completion
-
     if limit <= 0:
         raise UserError("--limit: must be positive")
     if not 0 <= min_share <= 1:
@@ -311,16 +281,18 @@ def check_gold(recipe, limit: int = 200, min_share: float = 0.9) -> CheckReport:
     rows = [dict(rows[i]) for i in range(n)]
     golds = [gold_completion(row, recipe) for row in rows]
     prompts = [row.get("prompt") for row in rows]
-    completions = [_as_completion(g, p) for g, p in zip(golds, prompts)]
+    rewards = RecipeRewards.from_recipe(recipe)
+    completions = [rewards.wrap(g, p) for g, p in zip(golds, prompts)]
     columns = {k: [row.get(k) for row in rows] for k in (_columns(rows[0]) if rows else {})}
     ids = _ids(tokenizer, golds)
     report = CheckReport(n, min_share)
-    for r in recipe_rewards(recipe):
-        best = r.spec.full_marks(r.params)
+    for r in rewards:
+        best = r.full_marks
         c = RewardCheck(r.name, best)
         for start in range(0, n, 64):
             end = min(n, start + 64)
             out = _call(
+                rewards,
                 r,
                 prompts[start:end],
                 completions[start:end],
@@ -356,9 +328,6 @@ def check_gold(recipe, limit: int = 200, min_share: float = 0.9) -> CheckReport:
 
 def read_completion(text: str | None, file: str | None) -> str:
     """The completion to score: the TEXT argument, or the contents of --file (`-`: standard input)."""
-    import sys
-    from pathlib import Path
-
     if (text is None) == (file is None):
         raise UserError("rewards score: give the completion as TEXT or --file PATH (one of them)")
     if text is not None:
@@ -382,8 +351,6 @@ def read_completion(text: str | None, file: str | None) -> str:
 
 def parse_columns(items: list[str] | None) -> dict:
     """`--column answer=8 --column nums=[1,2,3]`: values as TOML literals when they parse, else strings."""
-    from ..recipe import _parse_value
-
     out = {}
     for item in items or []:
         key, sep, value = item.partition("=")
