@@ -136,9 +136,7 @@ def build_grpo_trainer(recipe: Recipe, run: RunDir, backend, model, tokenizer, c
     reward_funcs, weights = guard_rewards(recipe, recorder)
     display.recorder = recorder
 
-    from trl import GRPOConfig
-
-    config = GRPOConfig(**{**grpo_kwargs(recipe, run, weights), **backend.grpo_overrides(recipe)})
+    config = grpo_config(recipe, run, weights, backend)
     with vllm_cpu.engine_options(config):  # TRL builds its colocated engine here
         trainer = trainer_class()(
             model=model,
@@ -399,6 +397,13 @@ def _warn_if_not_fit(recipe: Recipe, console) -> None:
 
 # --------------------------------------------------------------------------------------------------
 # TRL configuration
+
+
+def grpo_config(recipe: Recipe, run: RunDir, reward_weights: list[float], backend):
+    """TRL's GRPOConfig: the recipe's settings, then the backend's overrides (a key in both: the backend's)."""
+    from trl import GRPOConfig
+
+    return GRPOConfig(**{**grpo_kwargs(recipe, run, reward_weights), **backend.grpo_overrides(recipe)})
 
 
 def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dict:
