@@ -63,7 +63,7 @@ class DataSection(Section):
     """Hub id, local file or folder (jsonl/json/parquet/csv), or a generator: builtin:arithmetic,
     builtin:countdown."""
     task: Literal[tuple(TASKS)] = "arithmetic"  # type: ignore[valid-type]
-    """One of lowmem_r1.data.tasks.TASKS: arithmetic, gsm8k, countdown, math, generic."""
+    """A name in lowmem_r1.data.tasks.TASKS (one class per task)."""
     config: str | None = None
     split: str = "train"
     eval_split: str | None = None

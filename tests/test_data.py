@@ -257,3 +257,50 @@ def test_template_typos_in_generated_tasks_fail_before_loading():
              [{"name": "countdown_equation"}])
     with pytest.raises(UserError, match="eval_size"):
         load_splits(make({"generator": {"n": 10}, "eval_split": "test"}))
+
+
+# --------------------------------------------------------------------------------------------------
+# The task registry
+
+
+def test_the_registry_is_the_one_list_of_tasks():
+    """The recipe, `eval --task` and its help accept exactly the registry's tasks."""
+    from typer.testing import CliRunner
+
+    from lowmem_r1.cli import app
+
+    for name, task in TASKS.items():
+        data = {"task": name, "columns": {"answer": "label"}} if name == "generic" else {"task": name}
+        assert make(data, rewards=[{"name": r} for r in task.rewards]).data.task == name
+    with pytest.raises(UserError, match="data.task"):
+        make({"task": "chess"})
+    help_text = CliRunner().invoke(app, ["eval", "--help"], env={"COLUMNS": "200"}).output
+    assert " | ".join(TASKS) in help_text
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_every_task_is_whole(name):
+    """A task's default rewards exist and read only columns it gives; its gold column is one of them; its
+    default prompt names only columns its source has."""
+    from lowmem_r1.data.formats import check_template
+    from lowmem_r1.rewards import REGISTRY
+
+    task = TASKS[name]
+    assert task.name == name and task.rewards
+    given = set(task.columns) or {"answer"}  # generic: what data.columns maps, an answer at least
+    for reward in task.rewards:
+        assert set(REGISTRY[reward].columns) <= given, (reward, REGISTRY[reward].columns)
+    assert task.gold_column is None or task.gold_column in given
+    if task.user is not None:
+        check_template(task.user, sorted(set(task.raw_columns) | set(task.columns)))
+
+
+def test_builtin_task_rows_adapt_and_have_a_gold_answer():
+    """Generated rows go through their task's adapter; the gold answer is what a perfect completion holds."""
+    for task, source in (("arithmetic", "builtin:arithmetic"), ("countdown", "builtin:countdown")):
+        r = make({"task": task, "source": source, "generator": {"n": 4}},
+                 rewards=[{"name": r} for r in TASKS[task].rewards])
+        row = load_splits(r).train[0]
+        assert set(row) == {"prompt", *TASKS[task].columns}
+        reasoning, answer = TASKS[task].gold(row)
+        assert answer and answer in gold_completion(row, r)

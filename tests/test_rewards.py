@@ -616,3 +616,36 @@ def test_boxed_format_r1_distilled_shape():
     assert score("boxed_format", texts) == [1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     anywhere = ["\\boxed{8}", "none", "\\boxed{1}, \\boxed{2}", "\\boxed{ }"]
     assert score("boxed_format", anywhere, params={"think": False}) == [1.0, 0.0, 0.0, 0.0]
+
+
+# --------------------------------------------------------------------------------------------------
+# A recipe's rewards, as training, `rewards score/check` and eval call them
+
+
+def test_recipe_rewards_names_policy_and_total(tmp_path):
+    from lowmem_r1.recipe import recipe_from_dict
+    from lowmem_r1.recipe_rewards import RecipeRewards, RewardError
+
+    f = tmp_path / "bad.py"
+    f.write_text("def explode(prompts, completions, **kw):\n    return [1 / 0 for _ in completions]\n"
+                 "def short(prompts, completions, **kw):\n    return [1.0]\n")
+    recipe = recipe_from_dict({"rewards": [{"name": "brevity", "weight": 2.0}, {"name": "brevity", "max_chars": 10},
+                                           {"name": f"{f}:explode", "on_error": "skip"}]})
+    rr = RecipeRewards.from_recipe(recipe)
+    assert rr.names == ["brevity", "brevity_2", "explode"] and rr.weights == [2.0, 1.0, 1.0]
+    prompt = [{"role": "user", "content": "hi"}]
+    completion = rr.wrap("abcde", prompt)
+    assert completion == [{"role": "assistant", "content": "abcde"}] and rr.wrap("abcde", "hi") == "abcde"
+    values = rr.score_all([prompt], [completion])
+    assert values == {"brevity": [1 - 5 / 80], "brevity_2": [0.5], "explode": [None]}
+    assert rr.total(v[0] for v in values.values()) == pytest.approx(2 * (1 - 5 / 80) + 0.5)
+    explode = rr.rewards[2]
+    assert rr.call(explode, [prompt], [completion])[1] is not None  # skipped, and the error handed back
+    with pytest.raises(RewardError) as raised:
+        rr.call(explode, [prompt], [completion], on_error="raise")
+    assert str(raised.value) == "ZeroDivisionError: division by zero"
+    message = raised.value.describe()
+    assert message.startswith("reward 'explode' raised ZeroDivisionError") and "completion: 'abcde'" in message
+    short = RecipeRewards.from_recipe(recipe_from_dict({"rewards": [{"name": f"{f}:short"}]})).rewards[0]
+    with pytest.raises(RewardError, match="returned 1 values for 2 completions"):
+        rr.call(short, ["a", "b"], ["x", "y"])

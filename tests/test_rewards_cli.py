@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 from lowmem_r1.cli import app
 from lowmem_r1.recipe import load_recipe
-from lowmem_r1.rewards import REGISTRY
 from lowmem_r1.reward_debug import check_gold, score_completion
+from lowmem_r1.rewards import REGISTRY
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.toml"
