@@ -140,12 +140,9 @@ def eval_rows(target: EvalTarget, tokenizer, limit: int | None) -> list[dict]:
 
 
 def correctness_rewards(recipe) -> list[tuple[str, float]]:
-    """(name, full marks) of the reward that judges the answer: the first that reads a gold column and has
-    full marks."""
-    for r in RecipeRewards.from_recipe(recipe):
-        if set(r.spec.columns) & {"answer", "target", "solution", "nums"} and r.full_marks is not None:
-            return [(r.name, float(r.full_marks))]
-    return []
+    """[(name, full marks)] of the reward that judges the answer, or [] when none does."""
+    judge = RecipeRewards.from_recipe(recipe).correctness()
+    return [(judge.name, float(judge.full_marks))] if judge else []
 
 
 def lenient_correct(text: str, gold: Any) -> bool:
@@ -182,7 +179,7 @@ def score(recipe, rows: list[dict], outs: list[list[Completion]], label: str) ->
         values = rewards.score_all(prompts, completions, completion_ids=ids, **columns)
     except RewardError as e:  # on_error = "raise"; "skip" scores None
         raise UserError(f"reward {e.reward.name} failed during eval: {e}") from None
-    strict = correctness_rewards(recipe)
+    judge = rewards.correctness()
     gold_col = get_task(recipe.data).gold_column
     has_gold = gold_col is not None and gold_col in columns
     n = len(texts)
@@ -192,17 +189,16 @@ def score(recipe, rows: list[dict], outs: list[list[Completion]], label: str) ->
         return sum(xs) / len(xs) if xs else None
 
     def is_strict(j):
-        name, full = strict[0]
-        v = values[name][j]
-        return v is not None and v >= full - 1e-9
+        v = values[judge.name][j]
+        return v is not None and v >= judge.full_marks - 1e-9
 
     metrics: dict[str, float | None] = {}
-    metrics["accuracy"] = mean([float(is_strict(j)) for j in range(n)]) if strict else None
+    metrics["accuracy"] = mean([float(is_strict(j)) for j in range(n)]) if judge else None
     lenient = [lenient_correct(texts[j], columns[gold_col][j]) for j in range(n)] if has_gold else None
     metrics["accuracy_lenient"] = mean([float(x) for x in lenient]) if lenient else None
     if k > 1:
         groups = [range(i * k, (i + 1) * k) for i in range(len(rows))]
-        metrics[f"pass@{k}"] = mean([float(any(is_strict(j) for j in g)) for g in groups]) if strict else None
+        metrics[f"pass@{k}"] = mean([float(any(is_strict(j) for j in g)) for g in groups]) if judge else None
         if has_gold:
             votes = []
             for g in groups:
@@ -224,7 +220,7 @@ def score(recipe, rows: list[dict], outs: list[list[Completion]], label: str) ->
     for j in range(n):
         rec = {"model": label, "index": j // k, "sample": j % k, "prompt": prompts[j], "completion": texts[j],
                "tokens": ids and len(ids[j]), "rewards": {nm: v[j] for nm, v in values.items()}}
-        if strict:
+        if judge:
             rec["strict"] = is_strict(j)
         if has_gold:
             rec["gold"] = columns[gold_col][j]

@@ -21,6 +21,10 @@ from .rewards import RewardFunc, RewardSpec, build, check
 from .rewards.extract import completion_text
 
 
+GOLD_COLUMNS = {"answer", "target", "solution", "nums"}
+"""Dataset columns that hold what a right answer is (a reward reading one judges correctness)."""
+
+
 @dataclass(frozen=True)
 class Reward:
     name: str
@@ -130,6 +134,12 @@ class RecipeRewards:
 
     def __iter__(self):
         return iter(self.rewards)
+
+    def correctness(self) -> Reward | None:
+        """The reward that judges the answer (eval's strict accuracy): the first that reads a gold column
+        and has full marks."""
+        return next((r for r in self.rewards if set(r.spec.columns) & GOLD_COLUMNS and r.full_marks is not None),
+                    None)
 
     @staticmethod
     def wrap(text: str, prompt: Any) -> Any:
