@@ -11,6 +11,7 @@ import statistics
 from typing import Any
 
 from ..errors import UserError
+from ..models import resolve_model
 from .formats import answer_format, gold_completion
 from .splits import prepare, prompt_lengths, prompt_texts
 
@@ -24,8 +25,6 @@ def describe_value(value: Any, width: int = 160) -> str:
 def load_tokenizer(model):
     """The tokenizer of recipe.model (a builtin alias, a local folder, a .gguf file or a hub id)."""
     from transformers import AutoTokenizer
-
-    from ..models import resolve_model
 
     path = resolve_model(model.name)
     try:
