@@ -154,9 +154,9 @@ def check_sft_data(recipe, source: str = "<recipe>") -> None:
     if kind == "task" and recipe.data.task == "generic":
         raise UserError(f"{source}: {_no_columns(recipe, rows[0])}")
     if kind == "task":
-        from .data import RAW_COLUMNS
+        from .data import get_task
 
-        need = RAW_COLUMNS.get(recipe.data.task, ())
+        need = get_task(recipe.data).raw_columns
         missing = [c for c in need if c not in rows[0]]
         if missing:
             raise UserError(f"{source}: {_no_columns(recipe, rows[0])}; task '{recipe.data.task}' also lacks "
