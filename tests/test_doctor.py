@@ -19,9 +19,9 @@ def statuses(checks, what):
     return [c.status for c in checks if c.what == what]
 
 
-def test_pins_are_the_ones_pyproject_declares():
-    """doctor checks against the project's own pins (installed metadata, else pyproject.toml): every pinned
-    requirement of pyproject.toml, with its specifier, and nothing it does not pin."""
+def test_pins_come_from_the_installed_metadata_else_pyproject(monkeypatch):
+    """doctor checks against the project's own pins: the installed package's requirements, and without an
+    installed package every pinned requirement of pyproject.toml (nothing it does not pin)."""
     from packaging.requirements import Requirement
 
     declared = {}
@@ -30,7 +30,14 @@ def test_pins_are_the_ones_pyproject_declares():
         if str(req.specifier):
             declared.setdefault(D._norm(req.name), str(req.specifier))
     assert {"trl", "transformers", "unsloth", "vllm"} <= set(declared)
+
+    def not_installed(name):
+        raise D.md.PackageNotFoundError(name)
+
+    monkeypatch.setattr(D.md, "requires", not_installed)
     assert D.pins() == declared
+    monkeypatch.setattr(D.md, "requires", lambda name: ["trl==9.9", "Unsloth-Zoo>=1; extra == 'gpu'", "rich"])
+    assert D.pins() == {"trl": "==9.9", "unsloth_zoo": ">=1"}
 
 
 def test_this_machine_can_run_the_cpu_path():
