@@ -25,10 +25,12 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .data import load_splits
 from .errors import UserError
 from .evaluate import correctness_rewards, score
 from .fsutil import atomic_write_json, atomic_write_text, check_writable, is_ours, mark
 from .inference import Sampling, load_generator, load_tokenizer, resolve_ref
+from .reward_guard import prompt_text
 from .rundir import read_jsonl
 
 KIND = "sample folder"  # fsutil's output kind: the marker --force and resume look for
@@ -191,8 +193,6 @@ def sft_row(row: dict, record: dict, recipe) -> dict:
 
 
 def _rows(recipe, tokenizer, s: SampleSettings) -> list[dict]:
-    from .data import load_splits
-
     splits = load_splits(recipe, tokenizer)
     ds = splits.eval if s.split == "eval" else splits.train
     if s.split not in ("train", "eval"):
@@ -250,8 +250,6 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def _prompt_text(prompt) -> str:
-    from .reward_guard import prompt_text
-
     return prompt_text(prompt)
 
 
