@@ -12,8 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from .data.formats import system_text
+from .data.splits import continue_assistant
 from .errors import printable
 from .inference import Generator, ModelRef, Sampling, load_generator, resolve_ref
+from .recipe import load_recipe
 
 REASONING_OPEN = ("<think>", "<reasoning>")
 REASONING_CLOSE = ("</think>", "</reasoning>")
@@ -94,8 +97,6 @@ class Conversation:
         messages.append({"role": "user", "content": user})
         if not self.assistant_prefix:
             return self.gen.encode(messages), False
-        from .data.splits import continue_assistant  # as training rendered it: what the rewards saw
-
         text = continue_assistant(messages, self.assistant_prefix, self.gen.tokenizer)
         return self.gen.encode(text), _opens_reasoning(self.assistant_prefix)
 
@@ -136,16 +137,12 @@ def trained_format(ref: ModelRef) -> tuple[str | None, str]:
     """(system prompt, assistant prefix) the run was trained with; (None, "") for other models."""
     if ref.run_dir is None or not (ref.run_dir / "recipe.toml").is_file():
         return None, ""
-    from .recipe import load_recipe
-
     recipe = load_recipe(ref.run_dir / "recipe.toml", check_rewards=False)
     return _system_text(recipe), recipe.prompt.assistant_prefix
 
 
 def _system_text(recipe) -> str | None:
     """The recipe's system prompt as text (a preset name such as `r1` expanded)."""
-    from .data.formats import system_text
-
     return system_text(recipe.prompt.system) or None
 
 

@@ -12,8 +12,32 @@ from typing import List, Optional
 
 import typer
 
+from .backends import preflight
+from .chat import ChatOptions, chat as run_chat
 from .data import TASKS
+from .data.generators import write_countdown
+from .data.preview import preview
+from .doctor import doctor as run_doctor
 from .errors import UserError, printable
+from .evaluate import EvalSettings, evaluate
+from .export.command import merge as run_merge
+from .inference import Sampling
+from .measure import measure_recipe, print_measurement
+from .pipeline import (
+    is_pipeline_dir,
+    is_pipeline_file,
+    load_pipeline,
+    print_dry_run as print_stages,
+    report as pipeline_report,
+    run_pipeline,
+)
+from .plan import make_plan, print_plan
+from .progress import print_dry_run
+from .recipe import load_recipe
+from .report import report as run_report
+from .reward_debug import check_gold, parse_columns, read_completion, reward_table, score_completion
+from .sample import SampleSettings, print_result, sample as run_sample
+from .train import Start, train as run_train
 
 app = typer.Typer(
     name="lowmem-r1",
@@ -48,15 +72,9 @@ def train(
     force: bool = typer.Option(False, "--force", help="Start a new run over an existing run directory."),
 ) -> None:
     """Train a recipe (GRPO, or stage = "sft"), or every stage of a [[stages]] pipeline; writes run directories."""
-    from .recipe import load_recipe
-
     if run_dir is not None and not resume:
         raise UserError(f"{run_dir}: a run directory is only taken with --resume (lowmem-r1 train RECIPE --resume RUN_DIR)")
-    from .pipeline import is_pipeline_file
-
     if is_pipeline_file(recipe):  # [[stages]]: a multi-stage recipe (lowmem_r1/pipeline.py)
-        from .pipeline import load_pipeline, print_dry_run as print_stages, run_pipeline
-
         p = load_pipeline(recipe, set_ or [])
         if dry_run:
             print_stages(p)
@@ -64,14 +82,9 @@ def train(
         raise typer.Exit(run_pipeline(p, resume=resume, force=force))
     r = load_recipe(recipe, set_ or [])
     if dry_run:
-        from .backends import preflight
-        from .progress import print_dry_run
-
         preflight(r)  # what select() would refuse here, before anything is printed as valid
         print_dry_run(r, recipe)
         return
-    from .train import Start, train as run_train
-
     start = Start.resume(r, run_dir, force) if resume else Start.new(r, force)
     code = run_train(r, recipe_path=recipe, start=start)
     raise typer.Exit(code)
@@ -92,8 +105,6 @@ def data_countdown(
     force: bool = typer.Option(False, "--force", help="Replace an existing output file."),
 ) -> None:
     """Generate solvable Countdown puzzles (use as data.source with task = "countdown")."""
-    from .data.generators import write_countdown
-
     count = write_countdown(out, n=n, seed=seed, force=force, min_numbers=min_numbers, max_numbers=max_numbers,
                             max_number=max_number, max_target=max_target)
     print(f"wrote {count} puzzles to {out}")
@@ -106,9 +117,6 @@ def data_preview(
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Show prompts exactly as the model will see them, their reward columns and token lengths."""
-    from .data.preview import preview
-    from .recipe import load_recipe
-
     print(preview(load_recipe(recipe, set_ or []), n=n))
 
 
@@ -119,8 +127,6 @@ def data_preview(
 def rewards_list() -> None:
     """Every builtin reward: parameters (defaults), dataset columns, full marks, what it scores."""
     from rich.console import Console
-
-    from .reward_debug import reward_table
 
     Console().print(reward_table())
 
@@ -137,9 +143,6 @@ def rewards_score(
     """Score one completion with the recipe's rewards: each reward, its weight, the weighted total."""
     from rich.console import Console
 
-    from .recipe import load_recipe
-    from .reward_debug import parse_columns, read_completion, score_completion
-
     r = load_recipe(recipe, set_ or [])
     report = score_completion(r, read_completion(text, file), row_index=row, columns=parse_columns(column))
     Console().print(report.render())
@@ -154,9 +157,6 @@ def rewards_check(
 ) -> None:
     """Score the dataset's gold answers (in the recipe's answer format): correct answers must get full marks."""
     from rich.console import Console
-
-    from .recipe import load_recipe
-    from .reward_debug import check_gold
 
     report = check_gold(load_recipe(recipe, set_ or []), limit=limit, min_share=min_share)
     Console().print(report.render())
@@ -185,15 +185,10 @@ def plan(
 ) -> None:
     """Estimate peak GPU memory from the model's config (no weights downloaded): breakdown, verdict, and
     the largest num_generations / max_completion_length that fit; --measure measures it on this machine."""
-    from .plan import make_plan, print_plan
-    from .recipe import load_recipe
-
     r = load_recipe(recipe, set_ or [])
     plan = make_plan(r, gpu_memory, search=not measure)
     print_plan(plan)
     if measure:
-        from .measure import measure_recipe, print_measurement
-
         print_measurement(plan, measure_recipe(r))
 
 
@@ -203,8 +198,6 @@ def doctor(
     set_: Optional[List[str]] = SetOpt,
 ) -> None:
     """Check Python, torch, the GPU, library versions, backend choice and disk; exit 1 if something is red."""
-    from .doctor import doctor as run_doctor
-
     raise typer.Exit(run_doctor(str(recipe) if recipe else None, set_ or []))
 
 
@@ -227,8 +220,6 @@ def merge(
     force: bool = typer.Option(False, "--force", help="Replace an existing output folder."),
 ) -> None:
     """Merge a LoRA adapter into its 16-bit base (verified against peft), optionally export GGUF + Modelfile."""
-    from .export.command import merge as run_merge
-
     result = run_merge(target, base=base, out=out, dtype=dtype, gguf=gguf, ollama=ollama, force=force)
     print("\n".join(result.next_steps()))
 
@@ -256,9 +247,6 @@ def chat(
     engine: str = EngineOpt,
 ) -> None:
     """Talk to a model: tokens stream as generated, reasoning dimmed and apart. /reset /system /think /exit."""
-    from .chat import ChatOptions, chat as run_chat
-    from .inference import Sampling
-
     opts = ChatOptions(Sampling(temperature, top_p, max_new_tokens, seed), system=system, think=think, engine=engine)
     raise typer.Exit(run_chat(model, opts, prompt=prompt, compare=compare))
 
@@ -282,8 +270,6 @@ def eval_(
     engine: str = EngineOpt,
 ) -> None:
     """Score a model on held-out prompts: strict and lenient accuracy, each reward, length (+ base model)."""
-    from .evaluate import EvalSettings, evaluate
-
     settings = EvalSettings(samples=samples, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens,
                             temperature=temperature, seed=seed, baseline=baseline, engine=engine, out=out,
                             force=force)
@@ -317,9 +303,6 @@ def sample(
     those that pass as SFT-ready JSONL. Resumable: a rerun skips prompts already sampled."""
     from rich.console import Console
 
-    from .recipe import load_recipe
-    from .sample import SampleSettings, print_result, sample as run_sample
-
     settings = SampleSettings(k=k, keep=keep, min_reward=min_reward, limit=limit, split=split, temperature=temperature,
                               top_p=top_p, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed,
                               engine=engine, grpo_prompts=grpo_prompts, force=force)
@@ -333,9 +316,6 @@ def report(
     samples: int = typer.Option(2, "--samples", min=0, help="Sample completions shown from the start and the end."),
 ) -> None:
     """Plot a run's curves to RUN_DIR/report/*.png and summarize it (works while training runs)."""
-    from .pipeline import is_pipeline_dir, report as pipeline_report
-    from .report import report as run_report
-
     if run_dir is not None and is_pipeline_dir(run_dir):
         pipeline_report(run_dir, per_end=samples)
         return

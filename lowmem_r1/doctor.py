@@ -14,8 +14,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import vllm_cpu
+from . import backends, vllm_cpu
+from .fsutil import free_bytes
+from .plan import make_plan, model_shape
 from .precision import bf16_supported
+from .recipe import load_recipe
+from .rundir import disk_needed
 
 OK, WARN, FAIL, INFO = "ok", "warn", "fail", "info"
 
@@ -171,16 +175,11 @@ def torch_checks() -> tuple[list[Check], bool]:
 
 
 def disk_checks(recipe) -> list[Check]:
-    from .fsutil import free_bytes
-    from .rundir import disk_needed
-
     run = recipe.run_dir() if recipe is not None else Path("runs")
     free = free_bytes(run)
     if recipe is None:
         return [Check("disk (runs/)", f"{free / 1e9:.1f} GB free", OK if free > 2e9 else WARN)]
     try:
-        from .plan import model_shape
-
         shape = model_shape(recipe.model.name, recipe.model.revision)
     except Exception as e:  # an offline hub id: sizes unknown, not an error of the environment
         return [Check("disk", f"{free / 1e9:.1f} GB free at {run}; sizes unknown ({e})", WARN)]
@@ -204,8 +203,6 @@ def _lora_params(recipe, shape) -> int:
 
 
 def recipe_checks(recipe, cuda: bool) -> list[Check]:
-    from . import backends
-
     name, why = backends.choose(recipe.model.backend)
     out = [Check("backend for this recipe", f"{name}: {why}", OK)]
     for problem in backends.requirements(recipe, name):
@@ -213,8 +210,6 @@ def recipe_checks(recipe, cuda: bool) -> list[Check]:
     for note in backends.fallbacks(recipe, name):
         out.append(Check("recipe", note, WARN))
     if cuda:
-        from .plan import make_plan
-
         try:
             plan = make_plan(recipe)
             status = OK if plan.fits else WARN
@@ -229,8 +224,6 @@ def recipe_checks(recipe, cuda: bool) -> list[Check]:
 
 
 def run_checks(recipe=None) -> list[Check]:
-    from . import backends
-
     checks = [Check("python", platform.python_version(), OK if sys.version_info >= (3, 10) else FAIL,
                     "" if sys.version_info >= (3, 10) else "Python 3.10+ is required")]
     torch_rows, cuda = torch_checks()
@@ -277,8 +270,6 @@ def doctor(recipe_path: str | None = None, overrides: list[str] | None = None, c
     """Print the table; return 1 when something is red (the environment cannot run it), else 0."""
     recipe = None
     if recipe_path is not None:
-        from .recipe import load_recipe
-
         recipe = load_recipe(recipe_path, overrides or [])
     checks = run_checks(recipe)
     title = f"lowmem-r1 doctor{f' ({recipe_path})' if recipe_path else ''}"

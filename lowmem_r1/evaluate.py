@@ -23,6 +23,7 @@ from .data import TASKS, get_task, load_splits
 from .errors import UserError
 from .fsutil import atomic_dir, refuse_existing
 from .inference import Completion, Generator, ModelRef, Sampling, load_generator, load_tokenizer, resolve_ref
+from .models import is_hub_id
 from .recipe import load_recipe, recipe_from_dict
 from .recipe_rewards import RecipeRewards, RewardError
 from .rewards.extract import answers_equal, extract_answer, normalize_text, parse_number
@@ -86,8 +87,6 @@ def resolve_target(target: str, model: str | None = None, data: str | None = Non
         is_trained = ref.run_dir is not None and ref.run_dir.resolve() == trained.resolve()
         out_root = trained / "eval" if is_trained else Path("runs") / "eval"
     else:
-        from .models import is_hub_id
-
         if not path.exists() and not is_hub_id(target) and not target.startswith("builtin:"):
             raise UserError(f"eval {target}: no such run directory, recipe or model; pass the RUN_DIR that "
                             f"`lowmem-r1 train` wrote, a recipe .toml, or a model with --data and --task")
@@ -257,10 +256,9 @@ def generate_all(gen: Generator, prompt_ids: list[list[int]], sampling: Sampling
 def evaluate(target: str, settings: EvalSettings, model: str | None = None, data: str | None = None,
              task: str | None = None, rewards: list[str] | None = None, console=None) -> dict:
     """Evaluate, print a table, save results.json + generations.jsonl; returns the results."""
-    from .pipeline import is_pipeline_dir
+    from .pipeline import evaluate_pipeline, is_pipeline_dir  # local: pipeline imports evaluate (cycle)
 
     if is_pipeline_dir(target):  # every stage of a multi-stage run, one table
-        from .pipeline import evaluate_pipeline
 
         return evaluate_pipeline(Path(target), settings, console=console)
     return evaluate_target(resolve_target(target, model, data, task, rewards), settings, console, target)

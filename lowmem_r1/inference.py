@@ -17,9 +17,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import vllm_cpu
+from .backends.unsloth import prepare
 from .errors import UserError
-from .models import load_tokenizer as _load_tokenizer
+from .models import load_tokenizer as _load_tokenizer, resolve_model
 from .precision import nf4_config, torch_dtype
+from .rundir import find_trained
 
 ENGINES = ("auto", "hf", "unsloth", "vllm")
 
@@ -65,9 +67,6 @@ class Completion:
 def resolve_ref(name: str | Path | None, root: Path = Path("runs")) -> ModelRef:
     """A ModelRef for a run dir, an adapter folder, a merged folder, a .gguf, a hub id or an alias;
     None means the newest run or merged model under `root`."""
-    from .models import resolve_model
-    from .rundir import find_trained
-
     if name is None:
         name = newest_model(root)
     trained = find_trained(name)
@@ -304,8 +303,6 @@ def load_generator(ref: ModelRef, engine: str = "auto", streaming: bool = False,
     when the caller already has it)."""
     engine = select_engine(engine, streaming=streaming) if engine == "auto" else engine
     if engine == "unsloth":  # before transformers is imported (by the tokenizer), or its patches miss
-        from .backends.unsloth import prepare
-
         prepare()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref)
     if engine == "vllm":

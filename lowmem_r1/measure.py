@@ -24,9 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import backends
+from .compat import patch_trl_for_cpu
 from .errors import UserError
 from .plan import BUILTIN_SHAPES, GiB, ModelShape, Plan, model_shape
 from .recipe import recipe_from_dict
+from .rundir import RunDir
+from .train import grpo_kwargs
 
 STEPS = 2
 
@@ -208,10 +211,6 @@ def prompt_text(tok, n: int) -> str:
 def _trainer(recipe, backend, model, tok, tmp: Path):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
-
-    from .compat import patch_trl_for_cpu
-    from .rundir import RunDir
-    from .train import grpo_kwargs
 
     patch_trl_for_cpu()
     g = recipe.generation

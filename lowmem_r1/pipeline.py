@@ -44,10 +44,16 @@ from pathlib import Path
 
 import tomllib
 
+from . import progress
 from .errors import UserError
+from .evaluate import EvalSettings, EvalTarget, evaluate_target
 from .fsutil import atomic_write_json, check_writable, is_ours, mark
-from .recipe import Recipe, recipe_from_dict
+from .inference import resolve_ref
+from .recipe import Recipe, apply_override, load_recipe, recipe_from_dict
+from .report import report as run_report
 from .rundir import RunDir
+from .sample import SampleSettings, print_result, sample
+from .train import Start, recipe_diff, train
 
 KINDS = ("sft", "grpo", "sample")
 STAGE_KEYS = {"name", "stage", "from", "teacher", "sample"}
@@ -110,8 +116,6 @@ def is_pipeline_dir(path: str | Path) -> bool:
 def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
     """Read a [[stages]] TOML; `--set` overrides apply to the shared base, or to one stage as
     `stages.<index>.<key>=value`. One-line errors name the stage."""
-    from .recipe import apply_override
-
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -204,8 +208,6 @@ def _merge(base: dict, over: dict) -> dict:
 def _check_sample(sample: dict, where: str) -> None:
     from dataclasses import fields
 
-    from .sample import SampleSettings
-
     allowed = {f.name for f in fields(SampleSettings)} - {"force"}
     bad = sorted(set(sample) - allowed)
     if bad:
@@ -244,9 +246,6 @@ def print_dry_run(p: Pipeline, console=None) -> None:
 
 def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console=None) -> int:
     """Run every stage not yet done; returns the exit code (130 when a stage was interrupted)."""
-    from . import progress
-    from .train import Start, recipe_diff, train
-
     console = console or progress.make_console()
     marker = p.dir / MARKER
     check_writable(p.dir)
@@ -260,8 +259,6 @@ def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console
         head = f"[bold]stage {i}/{len(p.stages)}[/] [cyan]{s.name}[/] ({s.kind})"
         if s.done():
             if s.kind != "sample":
-                from .recipe import load_recipe
-
                 diff = recipe_diff(load_recipe(RunDir(s.dir).recipe, check_rewards=False), s.recipe)
                 if diff:
                     raise UserError(f"{p.path}: stage {s.name} was completed with another recipe ({diff[0]}); "
@@ -274,8 +271,6 @@ def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console
             if s.model and s.model != s.recipe.model.name:
                 console.print(f"  teacher {s.model} and student {s.recipe.model.name} may tokenize differently: fine "
                               f"for SFT, the samples are text that the student tokenizes itself")
-            from .sample import SampleSettings, print_result, sample
-
             result = sample(_sample_model(p, s), s.recipe, s.dir, SampleSettings(**s.sample))
             print_result(result, SampleSettings(**s.sample).k, console)
             state["stages"][s.name] = {"seconds": round(time.time() - started, 1), "kept": result.kept,
@@ -324,8 +319,6 @@ def _sample_model(p: Pipeline, s: Stage) -> str:
 
 
 def _eval_settings():
-    from .evaluate import EvalSettings
-
     return EvalSettings()
 
 
@@ -334,9 +327,6 @@ def evaluate_pipeline(path: Path, settings, console=None, pipeline: Pipeline | N
     stage's: _eval_recipe); results go to each stage's eval/ folder and
     pipeline.json. `eval --baseline` is implied: the base model is the table's first row."""
     from rich.console import Console
-
-    from .evaluate import EvalTarget, evaluate_target
-    from .inference import resolve_ref
 
     console = console or Console()
     state = json.loads((path / MARKER).read_text())
@@ -397,8 +387,6 @@ def print_table(path: Path, console) -> None:
 def report(path: Path, console=None, per_end: int = 2) -> None:
     """`lowmem-r1 report PIPELINE_DIR`: the stage table, then each training stage's own report."""
     from rich.console import Console
-
-    from .report import report as run_report
 
     console = console or Console()
     print_table(path, console)

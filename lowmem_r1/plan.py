@@ -52,7 +52,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
+from . import backends
 from .errors import UserError
+from .models import is_hub_id
 
 GiB = 1024**3
 CUDA_CONTEXT = 1.0 * GiB
@@ -160,8 +162,6 @@ def model_shape(name: str, revision: str | None = None) -> ModelShape:
         if not cfg.is_file():
             raise UserError(f"model {name}: folder has no config.json; pass a Hugging Face model folder")
         return shape_from_config(json.loads(cfg.read_text(encoding="utf-8")), str(cfg))
-    from .models import is_hub_id
-
     if not is_hub_id(name):
         raise UserError(f"model {name!r}: not a local folder, hub id or builtin alias plan knows")
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
@@ -243,18 +243,14 @@ def plan_backend(recipe) -> str:
     planning from a machine without a GPU (the fast path assumes `pip install "lowmem-r1[gpu]"`)."""
     if recipe.model.backend != "auto":
         return recipe.model.backend
-    from .backends import cuda_available, unsloth_installed
-
-    return "unsloth" if unsloth_installed() or not cuda_available() else "hf"
+    return "unsloth" if backends.unsloth_installed() or not backends.cuda_available() else "hf"
 
 
 def plan_device(recipe, gpu_memory: float | None) -> str:
     """"cpu" when the run would happen on this machine's CPU (no CUDA, no --gpu-memory, and nothing in the
     recipe needs a GPU), else "cuda": a GPU recipe planned from a laptop is planned for its card."""
-    from .backends import cuda_available
-
     needs_gpu = recipe.model.fast_inference or recipe.generation.use_vllm
-    return "cpu" if gpu_memory is None and not cuda_available() and not needs_gpu else "cuda"
+    return "cpu" if gpu_memory is None and not backends.cuda_available() and not needs_gpu else "cuda"
 
 
 def knobs_from_recipe(recipe, backend: str, device: str = "cuda") -> Knobs:
@@ -453,9 +449,7 @@ def card_memory(gpu_memory: float | None) -> tuple[float, str]:
         if gpu_memory <= 0:
             raise UserError(f"--gpu-memory {gpu_memory}: must be a positive number of GiB, e.g. --gpu-memory 24")
         return gpu_memory * GiB, "--gpu-memory"
-    from .backends import cuda_available
-
-    if cuda_available():
+    if backends.cuda_available():
         import torch
 
         props = torch.cuda.get_device_properties(0)
@@ -504,9 +498,7 @@ def make_plan(recipe, gpu_memory: float | None = None, search: bool = True) -> P
 def warn_if_not_fit(recipe) -> str | None:
     """For train on a GPU: the warning to show before step 1 when the plan says it will not fit, else None.
     Never blocks training: an unknown config (offline hub id) just gives no warning."""
-    from .backends import cuda_available
-
-    if not cuda_available():
+    if not backends.cuda_available():
         return None
     try:
         plan = make_plan(recipe)

@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from . import rewards
 from .data import TASKS, check_prompt, get_task
+from .data.sources import check_local
 from .errors import UserError
-from .models import check_name
+from .models import BUILTINS, cache_dir, check_name
+from .sft import check_sft_data
 
 BUILTIN_DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
@@ -331,8 +333,6 @@ def recipe_from_dict(
     except UserError as e:
         raise UserError(f"{source}: model.name: {e}") from None
     check_model_sizes(recipe, source)
-    from .data.sources import check_local
-
     try:
         check_local(recipe.data)
     except UserError as e:
@@ -341,8 +341,6 @@ def recipe_from_dict(
         check_recipe_rewards(recipe, source)
     check_prompt(recipe, source)
     if recipe.stage == "sft":
-        from .sft import check_sft_data
-
         check_sft_data(recipe, source)
     return recipe
 
@@ -365,8 +363,6 @@ def _check_int64(node: Any, source: str, key: str = "") -> None:
 def check_model_sizes(recipe: Recipe, source: str) -> None:
     """Settings that cannot work with this model, from its config.json when it is a local folder (or the
     builtin's cached one): a LoRA rank above the hidden size, a sequence longer than its positions."""
-    from .models import BUILTINS, cache_dir
-
     name = recipe.model.name
     folder = cache_dir() / "models" / name.split(":", 1)[1] if name in BUILTINS else Path(name).expanduser()
     try:

@@ -13,6 +13,10 @@ from typing import Any
 
 from . import health
 from .errors import UserError
+from .fsutil import atomic_dir
+from .recipe import load_recipe
+from .rewards.extract import prompt_text
+from .rundir import RunDir, newest_run, read_jsonl
 
 PLOTS = {
     "reward": "reward (total and each reward's mean)",
@@ -164,9 +168,6 @@ def report(run_dir: str | Path | None, console=None, per_end: int = 2) -> dict[s
 
     from rich.console import Console
 
-    from .fsutil import atomic_dir
-    from .rundir import RunDir, newest_run, read_jsonl
-
     console = console or Console()
     run = RunDir(Path(run_dir) if run_dir else newest_run())
     if not run.path.is_dir():
@@ -236,8 +237,6 @@ def _num(v) -> str:
 
 
 def _prompt_tail(prompt) -> str:
-    from .rewards.extract import prompt_text
-
     text = prompt_text(prompt) if not isinstance(prompt, str) else prompt
     text = " ".join(text.split())
     return ("prompt: ..." + text[-200:]) if len(text) > 200 else f"prompt: {text}"
@@ -245,8 +244,6 @@ def _prompt_tail(prompt) -> str:
 
 def _saved_recipe(run):
     """The run's recipe.toml, for what its rewards check; None when absent or no longer valid."""
-    from .recipe import load_recipe
-
     try:
         return load_recipe(run.recipe, check_rewards=False) if run.recipe.is_file() else None
     except Exception:

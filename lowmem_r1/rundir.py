@@ -13,10 +13,13 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import UserError
+from .faults import maybe_fault
 from .fsutil import check_safetensors, safetensors_problem
 
 # What a checkpoint must hold to resume from (Trainer._save_checkpoint writes them).
@@ -183,3 +186,43 @@ def newest_run(root: Path = Path("runs")) -> Path:
     if not runs:
         raise UserError(f"no run found in {root}/; train one first (lowmem-r1 train recipes/demo.toml) or name it")
     return max(runs, key=lambda r: r.info_file.stat().st_mtime).path
+
+
+def staged_trainer(base):
+    """A TRL trainer class whose checkpoints are written to a staging folder and renamed into place, so a
+    kill at any moment leaves the previous checkpoint whole, and whose rotation never deletes the newest
+    complete checkpoint. GRPO and SFT runs share it."""
+
+    class Staged(base):
+        def _save_checkpoint(self, model, trial):
+            root = Path(self.args.output_dir)
+            staging = root / ".staging"
+            name = f"checkpoint-{self.state.global_step}"
+            shutil.rmtree(staging, ignore_errors=True)
+            limit = self.args.save_total_limit
+            self.args.output_dir, self.args.save_total_limit = str(staging), None
+            try:
+                super()._save_checkpoint(model, trial)
+            finally:
+                self.args.output_dir, self.args.save_total_limit = str(root), limit
+            _fsync_tree(staging / name)
+            maybe_fault("save", self.state.global_step)
+            final = root / name
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging / name, final)
+            shutil.rmtree(staging, ignore_errors=True)
+            if limit:
+                complete = RunDir(root.parent).checkpoint_dirs()  # root is the run's checkpoints/
+                for old in complete[: max(0, len(complete) - limit)]:
+                    shutil.rmtree(old, ignore_errors=True)
+
+    Staged.__name__ = Staged.__qualname__ = f"Lowmem{base.__name__}"
+    return Staged
+
+
+def _fsync_tree(path: Path) -> None:
+    for p in Path(path).rglob("*"):
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())

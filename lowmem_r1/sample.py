@@ -25,10 +25,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from .data import load_splits
 from .errors import UserError
 from .evaluate import correctness_rewards, score
 from .fsutil import atomic_write_json, atomic_write_text, check_writable, is_ours, mark
 from .inference import Sampling, load_generator, load_tokenizer, resolve_ref
+from .recipe_rewards import RecipeRewards
+from .reward_guard import prompt_text
 from .rundir import read_jsonl
 
 KIND = "sample folder"  # fsutil's output kind: the marker --force and resume look for
@@ -112,6 +115,7 @@ def sample(model: str, recipe, out: Path, s: SampleSettings, console=None) -> Sa
         with console.status(f"loading {ref.label} ...", spinner="dots"):
             gen = load_generator(ref, s.engine, tokenizer=tokenizer)
         per_batch = max(1, s.batch_size // s.k)
+        weighted = RecipeRewards.from_recipe(recipe)  # each completion's total, as training weighs it
         with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       TextColumn("eta"), TimeRemainingColumn(), console=console) as progress:
             bar = progress.add_task("sampling", total=len(rows), completed=len(done))
@@ -121,7 +125,7 @@ def sample(model: str, recipe, out: Path, s: SampleSettings, console=None) -> Sa
                 if sampling.seed is not None:  # each batch its own seed: a resumed run samples the same
                     sampling.seed = s.seed + idx[0]
                 outs = gen.generate([gen.encode(r["prompt"]) for r in batch], sampling, n=s.k)
-                _append(log, idx, score(recipe, batch, outs, "sample").records, recipe)
+                _append(log, idx, score(recipe, batch, outs, "sample").records, weighted)
                 progress.advance(bar, len(idx))
         gen.close()
     return finish(out, recipe, rows, s, key, started, console)
@@ -138,7 +142,7 @@ def finish(out: Path, recipe, rows: list[dict], s: SampleSettings, key: dict, st
         group = sorted(by_prompt[i], key=lambda r: r["sample"])
         passing = [r for r in group if passes(r, s)]
         rate = len(passing) / len(group)
-        rates.append({"index": i, "prompt": _prompt_text(rows[i]["prompt"]), "k": len(group),
+        rates.append({"index": i, "prompt": prompt_text(rows[i]["prompt"]), "k": len(group),
                       "passed": len(passing), "pass_rate": rate})
         seen = set()
         for r in sorted(passing, key=lambda r: -r["total"]):
@@ -191,8 +195,6 @@ def sft_row(row: dict, record: dict, recipe) -> dict:
 
 
 def _rows(recipe, tokenizer, s: SampleSettings) -> list[dict]:
-    from .data import load_splits
-
     splits = load_splits(recipe, tokenizer)
     ds = splits.eval if s.split == "eval" else splits.train
     if s.split not in ("train", "eval"):
@@ -233,12 +235,11 @@ def _truncate_partial(log: Path, done: set[int]) -> None:
     atomic_write_text(log, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
 
 
-def _append(log: Path, idx: list[int], records: list[dict], recipe) -> None:
-    weights = {e.name: e.weight for e in recipe.rewards}
+def _append(log: Path, idx: list[int], records: list[dict], weighted: RecipeRewards) -> None:
     with open(log, "a", encoding="utf-8") as f:
         for rec in records:
             rewards = rec["rewards"]
-            total = sum(weights[n] * v for n, v in rewards.items() if isinstance(v, (int, float)))
+            total = weighted.total([rewards[name] for name in weighted.names])
             f.write(json.dumps({"index": idx[rec["index"]], "sample": rec["sample"], "completion": rec["completion"],
                                 "tokens": rec.get("tokens"), "rewards": rewards, "total": total,
                                 "strict": rec.get("strict")}, ensure_ascii=False, default=str) + "\n")
@@ -247,12 +248,6 @@ def _append(log: Path, idx: list[int], records: list[dict], recipe) -> None:
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows))
-
-
-def _prompt_text(prompt) -> str:
-    from .reward_guard import prompt_text
-
-    return prompt_text(prompt)
 
 
 def print_result(result: SampleResult, k: int, console) -> None:

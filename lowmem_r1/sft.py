@@ -18,7 +18,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .data import get_task
+from .data.formats import after_prefix, gold_completion
+from .data.sources import load_source
+from .data.splits import to_prompts
 from .errors import UserError
+from .rundir import staged_trainer
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "system": "system"}
@@ -75,9 +80,6 @@ def to_prompt_completion(raw, recipe, tokenizer=None, name: str = "train"):
         return raw.select_columns(["prompt", "completion"])
     if recipe.data.task == "generic":
         raise UserError(_no_columns(recipe, raw.column_names))
-    from .data.formats import after_prefix, gold_completion
-    from .data.splits import to_prompts
-
     prompts = to_prompts(raw, recipe, tokenizer, name)
     out = []
     for row in prompts:
@@ -97,8 +99,6 @@ def _no_columns(recipe, columns) -> str:
 
 def load_sft_splits(recipe, tokenizer):
     """(train, eval) prompt-completion datasets: load -> shuffle -> hold out -> limit -> convert."""
-    from .data.sources import load_source
-
     data = recipe.data
     raw = load_source(data, data.split)
     if data.shuffle:
@@ -154,8 +154,6 @@ def check_sft_data(recipe, source: str = "<recipe>") -> None:
     if kind == "task" and recipe.data.task == "generic":
         raise UserError(f"{source}: {_no_columns(recipe, rows[0])}")
     if kind == "task":
-        from .data import get_task
-
         need = get_task(recipe.data).raw_columns
         missing = [c for c in need if c not in rows[0]]
         if missing:
@@ -203,8 +201,6 @@ def sft_kwargs(recipe, run) -> dict:
 def build_trainer(recipe, run, backend, model, tokenizer, callbacks, console):
     """SFTTrainer (checkpoints staged and renamed like GRPO's) on the recipe's data."""
     from trl import SFTConfig, SFTTrainer
-
-    from .train import staged_trainer
 
     train_ds, dropped = drop_long(load_sft_splits(recipe, tokenizer), tokenizer, recipe.model.max_seq_length)
     if dropped:

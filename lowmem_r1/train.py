@@ -7,7 +7,6 @@ trainer, train with checkpoints that are renamed into place, save the adapter, s
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import time
@@ -15,9 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from . import backends, progress, vllm_cpu
 from .callbacks import Interrupt, MetricsLog
+from .compat import patch_trl_for_cpu
+from .data import load_splits
 from .errors import UserError
-from .faults import maybe_fault
 from .fsutil import (
     MARKER,
     atomic_dir,
@@ -29,11 +30,13 @@ from .fsutil import (
     mark,
     os_errors,
 )
+from .models import resolve_model
+from .plan import make_plan, warn_if_not_fit
 from .recipe import Recipe, load_recipe, recipe_to_toml
 from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
-from .rundir import RunDir, checkpoint_step, disk_needed, jsonl_rows
+from .rundir import RunDir, checkpoint_step, disk_needed, jsonl_rows, staged_trainer
 from .sampling import DynamicSampling
-from . import vllm_cpu
+from .sft import build_trainer as build_sft_trainer
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_KEYS = {"logging", "output", "eval", "description"}
@@ -62,8 +65,6 @@ def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None =
           callbacks: tuple = ()) -> int:
     """Run the recipe's stage (GRPO, or SFT: lowmem_r1/sft.py). Returns the process exit code (0 done, 130
     interrupted). `callbacks`: extra trainer callbacks (benchmarks measure held-out accuracy while training)."""
-    from . import backends, progress
-
     console = console or progress.make_console()
     # First: a refused GPU setting must not leave a run directory behind; and unsloth, when chosen, is
     # imported here (select calls backend.prepare()), before anything imports trl/transformers/peft.
@@ -96,9 +97,6 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
     vllm_cpu.configure()  # before anything imports vllm; nothing on a GPU or without vllm
     from transformers import set_seed
 
-    from . import progress
-    from .compat import patch_trl_for_cpu
-
     set_seed(recipe.training.seed)  # LoRA's A matrices are drawn at random: same seed, same run
     model, tokenizer = backend.load(recipe)
     if recipe.model.adapter:
@@ -109,8 +107,6 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
     display = progress.TrainingDisplay(recipe, run, console, start_step=checkpoint_step(checkpoint))
     callbacks = [MetricsLog(run.metrics), display, interrupt, *extra_callbacks]
     if recipe.stage == "sft":
-        from .sft import build_trainer as build_sft_trainer
-
         trainer = build_sft_trainer(recipe, run, backend, model, tokenizer, callbacks, console)
     else:
         trainer = build_grpo_trainer(recipe, run, backend, model, tokenizer, callbacks, console, checkpoint, display)
@@ -122,8 +118,6 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
 def build_grpo_trainer(recipe: Recipe, run: RunDir, backend, model, tokenizer, callbacks, console, checkpoint,
                        display):
     """GRPOTrainer on the recipe's prompts, with guarded, recorded rewards."""
-    from .data import load_splits
-
     splits = load_splits(recipe, tokenizer)
     if splits.dropped:
         console.print(
@@ -364,8 +358,6 @@ def _clear_staging(run: RunDir) -> None:
 
 
 def _write_info(run: RunDir, recipe: Recipe, backend: str, status: str, step: int = 0, **extra) -> None:
-    from .models import resolve_model
-
     info = run.info() if run.exists() else {}
     info.update(
         model_name=recipe.model.name,
@@ -388,8 +380,6 @@ def _preflight_disk(run: RunDir, recipe: Recipe, model) -> None:
 
 
 def _warn_if_not_fit(recipe: Recipe, console) -> None:
-    from .plan import warn_if_not_fit
-
     message = warn_if_not_fit(recipe)
     if message:
         console.print(f"[yellow]plan:[/] {message}")
@@ -476,46 +466,6 @@ def trainer_class():
     return staged_trainer(type("GRPOTrainer", (DynamicSampling, GRPOTrainer), {}))
 
 
-def staged_trainer(base):
-    """A TRL trainer class whose checkpoints are written to a staging folder and renamed into place, so a
-    kill at any moment leaves the previous checkpoint whole, and whose rotation never deletes the newest
-    complete checkpoint. GRPO and SFT runs share it."""
-
-    class Staged(base):
-        def _save_checkpoint(self, model, trial):
-            root = Path(self.args.output_dir)
-            staging = root / ".staging"
-            name = f"checkpoint-{self.state.global_step}"
-            shutil.rmtree(staging, ignore_errors=True)
-            limit = self.args.save_total_limit
-            self.args.output_dir, self.args.save_total_limit = str(staging), None
-            try:
-                super()._save_checkpoint(model, trial)
-            finally:
-                self.args.output_dir, self.args.save_total_limit = str(root), limit
-            _fsync_tree(staging / name)
-            maybe_fault("save", self.state.global_step)
-            final = root / name
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(staging / name, final)
-            shutil.rmtree(staging, ignore_errors=True)
-            if limit:
-                complete = RunDir(root.parent).checkpoint_dirs()  # root is the run's checkpoints/
-                for old in complete[: max(0, len(complete) - limit)]:
-                    shutil.rmtree(old, ignore_errors=True)
-
-    Staged.__name__ = Staged.__qualname__ = f"Lowmem{base.__name__}"
-    return Staged
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in Path(path).rglob("*"):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def _is_out_of_memory(error: BaseException) -> bool:
     import torch
 
@@ -543,8 +493,6 @@ def out_of_memory_advice(recipe: Recipe, step: int, saved, run: RunDir, resume: 
         f"    lora.r = {recipe.lora.r}; or set model.load_in_4bit = true, training.gradient_checkpointing = true",
     ]
     try:
-        from .plan import make_plan
-
         plan = make_plan(recipe)
         lines.append(
             f"  plan: estimated peak {plan.gib(plan.total)} GiB on {plan.gib(plan.card)} GiB; largest that fits: "

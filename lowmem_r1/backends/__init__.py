@@ -58,13 +58,13 @@ def select(recipe):
     allocator's environment on import."""
     name, why = choose(recipe.model.backend)
     if name == "unsloth" and unsloth_installed():
-        from .unsloth import UnslothBackend
+        from .unsloth import UnslothBackend  # local: unsloth.py and hf.py import this package (cycle)
 
         backend = UnslothBackend(standby=recipe.model.vllm_standby)
         _refuse(combination_problems(recipe, name))  # machine-independent: before the import
         backend.prepare()
     else:
-        from .hf import HFBackend
+        from .hf import HFBackend  # local: see above
 
         backend = HFBackend()
     _refuse(requirements(recipe, name))

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 
+from .. import backends
 from ..errors import UserError
 from ..models import resolve_model
 from ..precision import torch_dtype, trainer_flags
@@ -51,9 +52,7 @@ def prepare(standby: bool = False):
 
 
 def _cuda() -> bool:
-    from . import cuda_available
-
-    return cuda_available()
+    return backends.cuda_available()  # looked up per call: tests patch it
 
 
 # --------------------------------------------------------------------------------------------------

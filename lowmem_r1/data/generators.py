@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..fsutil import atomic_write_text, refuse_existing
 
 ARITHMETIC_DEFAULTS: dict[str, Any] = {"n": 1000, "seed": None, "min_operand": 1, "max_operand": 9, "ops": ["+"]}
 COUNTDOWN_DEFAULTS: dict[str, Any] = {
@@ -169,8 +170,6 @@ def generate(source: str, params: dict, seed: int) -> list[dict]:
 
 def write_countdown(out: Path, n: int, seed: int = 0, force: bool = False, **params) -> int:
     """`lowmem-r1 data countdown`: write puzzles as JSON lines (usable as data.source with task countdown)."""
-    from ..fsutil import atomic_write_text, refuse_existing
-
     out = Path(out)
     refuse_existing(out, force, "countdown data")
     rows = countdown(**_params("countdown", COUNTDOWN_DEFAULTS, {"n": n, "seed": seed, **params}, seed))

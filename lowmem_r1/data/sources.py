@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..errors import UserError
+from .generators import generate
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -20,8 +21,6 @@ def load_source(data, split: str):
     datasets.disable_progress_bars()
     source = data.source
     if source.startswith("builtin:"):
-        from .generators import generate
-
         return datasets.Dataset.from_list(generate(source, dict(data.generator), data.seed))
     if data.generator:
         raise UserError("data.generator: only builtin:arithmetic and builtin:countdown take generator parameters; "
