@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import vllm_cpu
-from .backends.unsloth import prepare
+from .backends import unsloth as unsloth_backend
 from .errors import UserError
 from .models import load_tokenizer as _load_tokenizer, resolve_model
 from .precision import nf4_config, torch_dtype
@@ -303,7 +303,7 @@ def load_generator(ref: ModelRef, engine: str = "auto", streaming: bool = False,
     when the caller already has it)."""
     engine = select_engine(engine, streaming=streaming) if engine == "auto" else engine
     if engine == "unsloth":  # before transformers is imported (by the tokenizer), or its patches miss
-        prepare()
+        unsloth_backend.prepare()
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(ref)
     if engine == "vllm":
         return _load_vllm(ref, tokenizer)

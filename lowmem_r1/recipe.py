@@ -249,6 +249,31 @@ class Recipe(Section):
         return self
 
     # Numbers the run will use, shown by --dry-run and the live display.
+    def trainer_args(self, output_dir: Path) -> dict:
+        """[training] and [logging] as the keyword arguments every TRL trainer config shares (GRPOConfig and
+        SFTConfig are both transformers TrainingArguments); each stage adds its own on top."""
+        t, log = self.training, self.logging
+        return dict(
+            output_dir=str(output_dir),
+            max_steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            per_device_train_batch_size=t.per_device_train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            lr_scheduler_type=t.lr_scheduler_type,
+            warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of max_steps
+            weight_decay=t.weight_decay,
+            max_grad_norm=t.max_grad_norm,
+            optim=t.optim,
+            gradient_checkpointing=t.gradient_checkpointing,
+            seed=t.seed,
+            save_strategy="steps",
+            save_steps=t.save_steps,
+            save_total_limit=t.save_total_limit,
+            logging_steps=log.logging_steps,
+            report_to=list(log.report_to) or "none",
+            disable_tqdm=True,
+        )
+
     def prompts_per_step(self) -> int:
         t = self.training
         return t.per_device_train_batch_size * t.gradient_accumulation_steps // t.num_generations

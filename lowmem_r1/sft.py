@@ -171,29 +171,11 @@ def check_sft_data(recipe, source: str = "<recipe>") -> None:
 def sft_kwargs(recipe, run) -> dict:
     """The recipe's [training] section as SFTConfig keyword arguments (what GRPO-only keys mean nothing
     here: num_generations, beta, loss_type, ... are ignored)."""
-    t, log = recipe.training, recipe.logging
     return dict(
-        output_dir=str(run.checkpoints),
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of max_steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        gradient_checkpointing=t.gradient_checkpointing,
-        seed=t.seed,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
+        **recipe.trainer_args(run.checkpoints),
         max_length=recipe.model.max_seq_length,
         completion_only_loss=True,  # labels -100 on the prompt: learn the answers, not the questions
         packing=False,
-        logging_steps=log.logging_steps,
-        report_to=list(log.report_to) or "none",
-        disable_tqdm=True,
         dataset_num_proc=None,
     )
 

@@ -398,13 +398,9 @@ def grpo_config(recipe: Recipe, run: RunDir, reward_weights: list[float], backen
 
 def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dict:
     """The recipe's training and generation sections, as GRPOConfig keyword arguments."""
-    t, g, log = recipe.training, recipe.generation, recipe.logging
+    t, g = recipe.training, recipe.generation
     return dict(
-        output_dir=str(run.checkpoints),
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        **recipe.trainer_args(run.checkpoints),
         num_generations=t.num_generations,
         beta=t.beta,
         loss_type=t.loss_type,
@@ -417,16 +413,6 @@ def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dic
         multi_objective_aggregation=t.multi_objective_aggregation,
         num_iterations=t.num_iterations,
         mask_truncated_completions=t.mask_truncated_completions,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of max_steps
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        optim=t.optim,
-        gradient_checkpointing=t.gradient_checkpointing,
-        seed=t.seed,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
         max_completion_length=g.max_completion_length,
         temperature=g.temperature,
         top_p=g.top_p,
@@ -438,9 +424,6 @@ def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dic
         vllm_importance_sampling_clip_min=g.vllm_importance_sampling_clip_min,
         vllm_importance_sampling_clip_max=g.vllm_importance_sampling_clip_max,
         reward_weights=reward_weights,
-        logging_steps=log.logging_steps,
-        report_to=list(log.report_to) or "none",
-        disable_tqdm=True,
         log_completions=False,
     )
 

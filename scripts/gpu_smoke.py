@@ -17,7 +17,6 @@ refused on hf). Each backend runs in its own process (unsloth must be imported f
 from __future__ import annotations
 
 import argparse
-import importlib.metadata as md
 import importlib.util
 import json
 import os
@@ -89,11 +88,13 @@ def main() -> int:
         print("gpu_smoke: no CUDA device here (this script measures a GPU run); run it on a CUDA machine",
               file=sys.stderr)
         return 2
+    from lowmem_r1.doctor import version_of
+
     result = {
         "gpu": torch.cuda.get_device_name(0),
         "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 2),
         "cuda": torch.version.cuda, "python": sys.version.split()[0],
-        "versions": {p: _version(p) for p in VERSIONS}, "runs": {}, "errors": {},
+        "versions": {p: version_of(p) for p in VERSIONS}, "runs": {}, "errors": {},
     }
     for name in args.backends.split(","):
         if name == "unsloth" and importlib.util.find_spec("unsloth") is None:
@@ -111,15 +112,6 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(f"gpu_smoke: wrote {args.out}")
     return 0 if result["runs"] and not result["errors"] else 1
-
-
-def _version(package: str) -> str | None:
-    for dist in (package, package.replace("_", "-")):
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return None
 
 
 if __name__ == "__main__":
