@@ -29,7 +29,7 @@ from .errors import UserError
 from .plan import BUILTIN_SHAPES, GiB, ModelShape, Plan, model_shape
 from .recipe import recipe_from_dict
 from .rundir import RunDir
-from .train import grpo_kwargs
+from .train import _quiet_default_printers, grpo_kwargs
 
 STEPS = 2
 
@@ -228,8 +228,10 @@ def _trainer(recipe, backend, model, tok, tmp: Path):
 
         return [random.random() for _ in completions]
 
-    return GRPOTrainer(model=model, processing_class=tok, reward_funcs=[random_reward], args=config,
-                       train_dataset=data)
+    trainer = GRPOTrainer(model=model, processing_class=tok, reward_funcs=[random_reward], args=config,
+                          train_dataset=data)
+    _quiet_default_printers(trainer)  # the measure prints its own table, not the Trainer's raw log dicts
+    return trainer
 
 
 class StepTimes:
