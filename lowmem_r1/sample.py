@@ -97,10 +97,10 @@ def sample(model: str, recipe, out: Path, s: SampleSettings, console=None) -> Sa
                         f"marks) to filter on; pass --min-reward X")
     if s.k < 1 or s.keep < 1:
         raise UserError("sample: -k and --keep must be at least 1")
+    ref = resolve_ref(model)  # a model that cannot resolve fails before the output folder exists
     key = {"model": model, "recipe": recipe.name, **s.generation_key()}
     _prepare_out(out, key, s.force)
     started = time.time()
-    ref = resolve_ref(model)
     tokenizer = load_tokenizer(ref)
     rows = _rows(recipe, tokenizer, s)
     log = out / "generations.jsonl"

@@ -117,3 +117,13 @@ def test_sft_stage_trains_on_samples_rows(sampled):
     ds = to_prompt_completion(raw, recipe_from_dict(cfg))
     assert len(ds) == len(raw) and ds[0]["completion"][0]["role"] == "assistant"
     assert Path(out / "samples.jsonl").is_file()
+
+
+def test_a_model_that_cannot_resolve_leaves_no_output_folder(tmp_path):
+    from lowmem_r1.errors import UserError
+    from lowmem_r1.sample import SampleSettings, sample
+
+    out = tmp_path / "samples"
+    with pytest.raises(UserError, match="nonexistent"):
+        sample(str(tmp_path / "nonexistent"), recipe_from_dict(recipe_dict()), out, SampleSettings(k=2))
+    assert not out.exists()
