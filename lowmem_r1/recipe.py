@@ -164,12 +164,29 @@ class GenerationSection(Section):
     use_vllm: bool = False
     vllm_mode: Literal["colocate", "server"] = "colocate"
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    vllm_server_host: str = "127.0.0.1"
+    """Where `lowmem-r1 serve` (TRL's vllm-serve) listens, for vllm_mode = "server"."""
+    vllm_server_port: int = Field(8000, gt=0, lt=65536)
+    vllm_server_timeout: float = Field(240.0, gt=0)
+    """Seconds training waits for the server before step 1, then stops with one line (never hangs)."""
+    vllm_tensor_parallel_size: int = Field(1, gt=0)
+    """GPUs the server shards the model over (`serve --tp`)."""
     vllm_importance_sampling_correction: bool = True
     """Correct for vLLM's sampling probabilities differing from the trainer's (TRL's default: on)."""
     vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
         "sequence_mask")
     vllm_importance_sampling_clip_min: float | None = Field(None, ge=0)
     vllm_importance_sampling_clip_max: float | None = Field(3.0, gt=0)
+
+
+class DistributedSection(Section):
+    """How several processes share the work (issue 19). One process needs none of this."""
+
+    strategy: Literal["ddp", "zero2", "zero3", "fsdp2"] = "ddp"
+    """ddp: a full copy per GPU (default). zero2: DeepSpeed shards optimizer state and gradients.
+    zero3: DeepSpeed also shards the weights. fsdp2: PyTorch's fully-sharded data parallel."""
+    nproc: int = Field(1, gt=0)
+    """Processes (GPUs) on this node when `lowmem-r1 train` launches itself (`--nproc` overrides)."""
 
 
 class OutputSection(Section):
@@ -210,6 +227,7 @@ class Recipe(Section):
     output: OutputSection = Field(default_factory=OutputSection)
     logging: LoggingSection = Field(default_factory=LoggingSection)
     eval: EvalSection = Field(default_factory=EvalSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
 
     @model_validator(mode="after")
     def _combinations(self) -> "Recipe":
