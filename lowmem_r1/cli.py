@@ -37,6 +37,7 @@ from .recipe import load_recipe
 from .report import report as run_report
 from .reward_debug import check_gold, parse_columns, read_completion, reward_table, score_completion
 from .sample import SampleSettings, print_result, sample as run_sample
+from .serve import SERVER_GPU_MEMORY_UTILIZATION, ServeSettings, parse_gpus, serve as run_serve
 from .train import Start, train as run_train
 
 app = typer.Typer(
@@ -88,6 +89,30 @@ def train(
     start = Start.resume(r, run_dir, force) if resume else Start.new(r, force)
     code = run_train(r, recipe_path=recipe, start=start)
     raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    recipe: Path = typer.Argument(..., help="Recipe TOML file, or a run directory (its recipe, for --resume)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPUs for the server, e.g. 0 or 0,1 "
+                                       "(CUDA_VISIBLE_DEVICES; default: all this process sees)."),
+    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel GPUs (default: "
+                                     "generation.vllm_tensor_parallel_size)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default: "
+                                       "generation.vllm_server_host; 0.0.0.0 for every interface)."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
+                                       help="Port (default: generation.vllm_server_port)."),
+    gpu_memory_utilization: float = typer.Option(
+        SERVER_GPU_MEMORY_UTILIZATION, "--gpu-memory-utilization",
+        help="Share of each server GPU for vLLM's weights + KV cache (TRL's vllm-serve default)."),
+    set_: Optional[List[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check, print the server's command and exit."),
+) -> None:
+    """Start TRL's vLLM server (trl vllm-serve) for the recipe's model on GPUs of its own, for
+    generation.vllm_mode = "server": training then generates there and pushes its weights to it."""
+    settings = ServeSettings(gpus=parse_gpus(gpus), tp=tp, host=host, port=port,
+                             gpu_memory_utilization=gpu_memory_utilization)
+    raise typer.Exit(run_serve(recipe, settings, set_ or [], dry_run=dry_run))
 
 
 # --- data (DATA) -------------------------------------------------------------------------------------
