@@ -207,11 +207,18 @@ def plan(
     measure: bool = typer.Option(
         False, "--measure", help="Also run two GRPO steps on random weights here and print the measured peak."
     ),
+    gpus: Optional[int] = typer.Option(
+        None, "--gpus", help="Training processes (GPUs): memory per GPU (default: distributed.nproc); a vLLM "
+        "server's GPUs come on top."),
+    strategy: Optional[str] = typer.Option(
+        None, "--strategy", help="ddp | zero2 | zero3 | fsdp2: what is sharded over --gpus (default: "
+        "distributed.strategy)."),
 ) -> None:
     """Estimate peak GPU memory from the model's config (no weights downloaded): breakdown, verdict, and
-    the largest num_generations / max_completion_length that fit; --measure measures it on this machine."""
+    the largest num_generations / max_completion_length that fit; --measure measures it on this machine.
+    With --gpus/--strategy per GPU of a sharded run; with vllm_mode = "server" the server's GPUs too."""
     r = load_recipe(recipe, set_ or [])
-    plan = make_plan(r, gpu_memory, search=not measure)
+    plan = make_plan(r, gpu_memory, search=not measure, gpus=gpus, strategy=strategy)
     print_plan(plan)
     if measure:
         print_measurement(plan, measure_recipe(r))
