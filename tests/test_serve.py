@@ -302,3 +302,17 @@ def test_unsloth_shared_engine_with_a_server_is_refused():
     [problem] = backends.combination_problems(recipe, "unsloth")
     assert "server would go unused" in problem and "model.fast_inference=false" in problem
     assert backends.combination_problems(make(model={"backend": "unsloth"}), "unsloth") == []
+
+
+def test_a_4bit_model_with_a_server_is_refused_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(backends, "cuda_available", lambda: True)
+    monkeypatch.setattr(backends, "compute_capability", lambda: (8, 6))
+    monkeypatch.setattr(backends, "installed", lambda p: True)
+    monkeypatch.setattr(backends, "unsloth_installed", lambda: True)
+    recipe = make(model={"backend": "unsloth", "load_in_4bit": True})
+    [problem] = backends.requirements(recipe, "unsloth")
+    assert problem.startswith("generation.vllm_mode = 'server': TRL's vLLM server cannot receive 4-bit") \
+        and "model.load_in_4bit=false" in problem
+    hf = backends.requirements(make(model={"backend": "hf", "load_in_4bit": True}), "hf")
+    assert "huggingface/trl#4973" in hf[0]
+    assert backends.requirements(make(model={"backend": "unsloth"}), "unsloth") == []

@@ -159,6 +159,10 @@ def requirements(recipe, name: str | None = None) -> list[str]:
             out.append(f"{key}: this GPU (compute capability {major}.{minor}) is too old for vLLM (7.0+); {off}")
     if name == "unsloth" and cuda and g.use_vllm and not m.fast_inference and m.load_in_4bit:
         out.append(
+            "generation.vllm_mode = 'server': TRL's vLLM server cannot receive 4-bit weight updates "
+            "(huggingface/trl#4973); --set model.load_in_4bit=false (16-bit LoRA), or generate colocated with "
+            "--set generation.vllm_mode=colocate --set model.fast_inference=true"
+            if g.vllm_mode == "server" else
             "generation.use_vllm: with unsloth and a 4-bit model, vLLM must share the weights (TRL's own "
             "engine cannot receive 4-bit weight updates); --set model.fast_inference=true"
         )
