@@ -96,7 +96,7 @@ def serve(
     recipe: Path = typer.Argument(..., help="Recipe TOML file, or a run directory (its recipe, for --resume)."),
     gpus: Optional[str] = typer.Option(None, "--gpus", help="GPUs for the server, e.g. 0 or 0,1 "
                                        "(CUDA_VISIBLE_DEVICES; default: all this process sees)."),
-    tp: Optional[int] = typer.Option(None, "--tp", help="Tensor-parallel GPUs (default: "
+    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="Tensor-parallel GPUs (default: "
                                      "generation.vllm_tensor_parallel_size)."),
     host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default: "
                                        "generation.vllm_server_host; 0.0.0.0 for every interface)."),

@@ -316,3 +316,15 @@ def test_a_4bit_model_with_a_server_is_refused_on_a_gpu(monkeypatch):
     hf = backends.requirements(make(model={"backend": "hf", "load_in_4bit": True}), "hf")
     assert "huggingface/trl#4973" in hf[0]
     assert backends.requirements(make(model={"backend": "unsloth"}), "unsloth") == []
+
+
+def test_a_run_directory_serves_its_recipes_model(tmp_path, base_model_dir):
+    """`serve RUN_DIR` (for --resume): the run's saved recipe and base model."""
+    (tmp_path / "recipe.toml").write_text('[model]\nname = "builtin:smollm2-135m-instruct"\n\n[generation]\n'
+                                          'use_vllm = true\nvllm_mode = "server"\nvllm_server_port = 8555\n\n'
+                                          '[[rewards]]\nname = "brevity"\n')
+    (tmp_path / "run.json").write_text("{}")
+    lines = []
+    assert serve.serve(tmp_path, serve.ServeSettings(), dry_run=True, out=lines.append) == 0
+    assert "--port 8555" in lines[0] and str(base_model_dir) in lines[0]
+    assert not any("does not train against a server" in line for line in lines)
