@@ -310,7 +310,7 @@ def run_checks(recipe=None) -> list[Check]:
     checks += gpu_set_checks(cuda)
     if not cuda:
         checks.append(vllm_cpu_check(recipe is not None and recipe.generation.use_vllm))
-    if torch_rows[0].what == "torch build":  # torch imports: the rows for several processes
+    if backends.installed("torch"):  # the rows for several processes
         checks += distributed_checks(cuda, recipe)
     name, why = backends.choose("auto")
     checks.append(Check("backend = auto", f"{name}: {why}", OK))

@@ -194,7 +194,7 @@ def serve(target: str | Path, s: ServeSettings, overrides: list[str] | None = No
             f"vllm_mode = \"server\" (--set generation.use_vllm=true --set generation.vllm_mode=server)")
     if dry_run:
         if not cuda:
-            out("(no CUDA GPU here: the command is for a GPU machine; nothing was checked against this one)")
+            out("(no CUDA GPU here: the command is for a GPU machine; its settings were checked, not this machine)")
         return 0
     sys.stdout.flush()
     os.execve(argv[0], argv, {**os.environ, **env})  # as TRL's vllm-serve: the server replaces this process
