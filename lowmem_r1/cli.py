@@ -37,6 +37,7 @@ from .recipe import load_recipe
 from .report import report as run_report
 from .reward_debug import check_gold, parse_columns, read_completion, reward_table, score_completion
 from .sample import SampleSettings, print_result, sample as run_sample
+from .serve import SERVER_GPU_MEMORY_UTILIZATION, ServeSettings, parse_gpus, serve as run_serve
 from .train import Start, train as run_train
 
 app = typer.Typer(
@@ -88,6 +89,30 @@ def train(
     start = Start.resume(r, run_dir, force) if resume else Start.new(r, force)
     code = run_train(r, recipe_path=recipe, start=start)
     raise typer.Exit(code)
+
+
+@app.command()
+def serve(
+    recipe: Path = typer.Argument(..., help="Recipe TOML file, or a run directory (its recipe, for --resume)."),
+    gpus: Optional[str] = typer.Option(None, "--gpus", help="GPUs for the server, e.g. 0 or 0,1 "
+                                       "(CUDA_VISIBLE_DEVICES; default: all this process sees)."),
+    tp: Optional[int] = typer.Option(None, "--tp", min=1, help="Tensor-parallel GPUs (default: "
+                                     "generation.vllm_tensor_parallel_size)."),
+    host: Optional[str] = typer.Option(None, "--host", help="Address to listen on (default: "
+                                       "generation.vllm_server_host; 0.0.0.0 for every interface)."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
+                                       help="Port (default: generation.vllm_server_port)."),
+    gpu_memory_utilization: float = typer.Option(
+        SERVER_GPU_MEMORY_UTILIZATION, "--gpu-memory-utilization",
+        help="Share of each server GPU for vLLM's weights + KV cache (TRL's vllm-serve default)."),
+    set_: Optional[List[str]] = SetOpt,
+    dry_run: bool = typer.Option(False, "--dry-run", help="Check, print the server's command and exit."),
+) -> None:
+    """Start TRL's vLLM server (trl vllm-serve) for the recipe's model on GPUs of its own, for
+    generation.vllm_mode = "server": training then generates there and pushes its weights to it."""
+    settings = ServeSettings(gpus=parse_gpus(gpus), tp=tp, host=host, port=port,
+                             gpu_memory_utilization=gpu_memory_utilization)
+    raise typer.Exit(run_serve(recipe, settings, set_ or [], dry_run=dry_run))
 
 
 # --- data (DATA) -------------------------------------------------------------------------------------
@@ -182,11 +207,18 @@ def plan(
     measure: bool = typer.Option(
         False, "--measure", help="Also run two GRPO steps on random weights here and print the measured peak."
     ),
+    gpus: Optional[int] = typer.Option(
+        None, "--gpus", help="Training processes (GPUs): memory per GPU (default: distributed.nproc); a vLLM "
+        "server's GPUs come on top."),
+    strategy: Optional[str] = typer.Option(
+        None, "--strategy", help="ddp | zero2 | zero3 | fsdp2: what is sharded over --gpus (default: "
+        "distributed.strategy)."),
 ) -> None:
     """Estimate peak GPU memory from the model's config (no weights downloaded): breakdown, verdict, and
-    the largest num_generations / max_completion_length that fit; --measure measures it on this machine."""
+    the largest num_generations / max_completion_length that fit; --measure measures it on this machine.
+    With --gpus/--strategy per GPU of a sharded run; with vllm_mode = "server" the server's GPUs too."""
     r = load_recipe(recipe, set_ or [])
-    plan = make_plan(r, gpu_memory, search=not measure)
+    plan = make_plan(r, gpu_memory, search=not measure, gpus=gpus, strategy=strategy)
     print_plan(plan)
     if measure:
         print_measurement(plan, measure_recipe(r))

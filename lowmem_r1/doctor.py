@@ -9,6 +9,7 @@ free disk for the run and the export, and - with a recipe - every reason that re
 from __future__ import annotations
 
 import importlib.metadata as md
+import os
 import platform
 import sys
 from dataclasses import dataclass
@@ -174,6 +175,74 @@ def torch_checks() -> tuple[list[Check], bool]:
     return out, True
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+LAUNCH_FIX = "launch through torchrun / accelerate launch (lowmem-r1 train --nproc N), or unset them"
+
+
+def distributed_checks(cuda: bool, recipe=None, env=os.environ) -> list[Check]:
+    """For several processes (issue 19): torch.distributed's backends, the GPUs this process sees, the launch
+    environment, DeepSpeed. Red only where the recipe or the environment asks for something that is missing."""
+    import torch
+
+    nproc = recipe.distributed.nproc if recipe is not None else 1
+    strategy = recipe.distributed.strategy if recipe is not None else "ddp"
+    out = []
+    dist = torch.distributed
+    if not dist.is_available():
+        out.append(Check("torch.distributed", "not available in this torch build", FAIL if nproc > 1 else INFO,
+                         "install a torch build with distributed support" if nproc > 1 else ""))
+    else:
+        nccl, gloo = dist.is_nccl_available(), dist.is_gloo_available()
+        missing = "nccl" if cuda and not nccl else "gloo" if not cuda and not gloo else None
+        out.append(Check("distributed backends", f"nccl {'yes' if nccl else 'no'}, gloo {'yes' if gloo else 'no'}",
+                         OK if missing is None else (FAIL if nproc > 1 else WARN),
+                         "" if missing is None else f"several processes on {'GPUs' if cuda else 'CPU'} need {missing}: "
+                         "install torch's official build"))
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    shown = "CUDA_VISIBLE_DEVICES unset" if visible is None else f"CUDA_VISIBLE_DEVICES={visible!r}"
+    count = torch.cuda.device_count() if cuda else 0
+    names = ", ".join(torch.cuda.get_device_name(i) for i in range(count))
+    too_few = cuda and nproc > count
+    out.append(Check("GPUs seen", f"{count}{': ' + names if names else ''} ({shown})",
+                     FAIL if too_few else OK if cuda else INFO,
+                     f"distributed.nproc = {nproc} but {count} GPU(s) visible: lower it or show more GPUs"
+                     if too_few else ""))
+    out.append(launch_env_check(env, count, cuda))
+    have = version_of("deepspeed")
+    needed = strategy in ("zero2", "zero3")
+    out.append(Check("deepspeed", have or "not installed (only distributed.strategy = zero2 / zero3 need it)",
+                     OK if have else FAIL if needed else INFO,
+                     "pip install deepspeed, or distributed.strategy = \"fsdp2\"" if needed and not have else ""))
+    return out
+
+
+def launch_env_check(env, visible_gpus: int, cuda: bool) -> Check:
+    """torchrun / accelerate set all five launch variables; a partial or inconsistent set is a leftover from
+    another shell or a hand-written launch that would hang or mis-assign GPUs."""
+    what = "launch environment"
+    present = [v for v in LAUNCH_VARS if env.get(v) not in (None, "")]
+    if not present:
+        return Check(what, "none of RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT set: one process", INFO)
+    missing = [v for v in LAUNCH_VARS if v not in present]
+    if missing:
+        return Check(what, f"{', '.join(present)} set but not {', '.join(missing)}", FAIL, LAUNCH_FIX)
+    try:
+        rank, world, local, port = (int(env[v]) for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"))
+    except ValueError:
+        bad = next(v for v in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT") if not env[v].strip().isdigit())
+        return Check(what, f"{bad}={env[bad]!r} is not a whole number", FAIL, LAUNCH_FIX)
+    if world < 1 or rank >= world:
+        return Check(what, f"RANK={rank} with WORLD_SIZE={world}: a rank must be below the world size", FAIL,
+                     LAUNCH_FIX)
+    if not 0 < port < 65536:
+        return Check(what, f"MASTER_PORT={port}: not a port (1-65535)", FAIL, LAUNCH_FIX)
+    if cuda and local >= visible_gpus:
+        return Check(what, f"LOCAL_RANK={local} but this process sees {visible_gpus} GPU(s): it has no GPU of its "
+                           f"own", FAIL, "one process per visible GPU (torchrun --nproc_per_node), or show more GPUs")
+    return Check(what, f"RANK {rank} of WORLD_SIZE {world}, LOCAL_RANK {local}, master "
+                       f"{env['MASTER_ADDR']}:{port}", OK)
+
+
 def disk_checks(recipe) -> list[Check]:
     run = recipe.run_dir() if recipe is not None else Path("runs")
     free = free_bytes(run)
@@ -241,6 +310,8 @@ def run_checks(recipe=None) -> list[Check]:
     checks += gpu_set_checks(cuda)
     if not cuda:
         checks.append(vllm_cpu_check(recipe is not None and recipe.generation.use_vllm))
+    if backends.installed("torch"):  # the rows for several processes
+        checks += distributed_checks(cuda, recipe)
     name, why = backends.choose("auto")
     checks.append(Check("backend = auto", f"{name}: {why}", OK))
     checks += disk_checks(recipe)

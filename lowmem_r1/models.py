@@ -121,9 +121,14 @@ def builtin_gguf_path(alias: str) -> Path:
     return path
 
 
+def builtin_cache_path(alias: str) -> Path:
+    """Where a builtin's converted folder lives (whether or not it was converted yet)."""
+    return cache_dir() / "models" / alias.split(":", 1)[1]
+
+
 def builtin_model_dir(alias: str) -> Path:
     gguf = builtin_gguf_path(alias)
-    return gguf_to_folder(gguf, cache_dir() / "models" / alias.split(":", 1)[1])
+    return gguf_to_folder(gguf, builtin_cache_path(alias))
 
 
 def gguf_to_folder(gguf: Path, out: Path | None = None) -> Path:

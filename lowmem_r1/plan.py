@@ -37,6 +37,18 @@ S = P + C, G = num_generations, GA = gradient_accumulation_steps):
   CUDA context    a fixed 1.0 GiB for the CUDA context, cuBLAS workspaces and allocator fragmentation
                   (an assumption: typically 0.5-1 GiB).
 
+Several GPUs (`plan --gpus N --strategy S`, defaults from [distributed]): every figure is per GPU. Each data-
+parallel process trains its own micro-batch, so activations, logits and generation are per GPU whatever the
+strategy; what a strategy shards over the N GPUs (ZeRO, Rajbhandari et al. 2020; FSDP):
+  ddp     nothing: a whole copy on every GPU.
+  zero2   optimizer state and gradients (DeepSpeed ZeRO stage 2). With LoRA these are the adapter's: small.
+  zero3   also the weights, base included (DeepSpeed ZeRO stage 3); a layer is gathered whole while it
+          computes (two layers counted: the one computing and the one prefetched).
+  fsdp2   as zero3 (PyTorch FSDP2, full sharding).
+With generation.vllm_mode = "server" the trainer's GPUs hold no vLLM engine; the server's GPUs (its tensor-
+parallel size) hold vLLM's share (serve.SERVER_GPU_MEMORY_UTILIZATION of each card): 1/tp of the 16-bit
+weights each, the rest of the share is KV cache (KV heads split over tp, replicated when tp exceeds them).
+
 A CPU plan (no CUDA here, no --gpu-memory, a recipe that needs no GPU) counts what a CPU run holds in RAM:
 fp32 weights and activations, the CPU logits above, and the process's own footprint (CPU_RUNTIME: python,
 torch, transformers, TRL) in place of the CUDA context. Those two constants were measured with
@@ -55,6 +67,7 @@ from typing import NamedTuple
 from . import backends
 from .errors import UserError
 from .models import is_hub_id
+from .serve import SERVER_GPU_MEMORY_UTILIZATION
 
 GiB = 1024**3
 CUDA_CONTEXT = 1.0 * GiB
@@ -207,6 +220,21 @@ class Knobs:
     prompt: int
     completion: int
     device: str = "cuda"  # "cpu": a run on this machine's CPU (fp32, RAM, the CPU log-prob fallback)
+    world: int = 1  # training processes (GPUs); every figure is per GPU
+    strategy: str = "ddp"  # ddp | zero2 | zero3 | fsdp2: what is sharded over `world` (SHARDED)
+    server: bool = False  # generation.vllm_mode = "server": no vLLM engine on the trainer's GPUs
+
+    def sharded(self, what: str) -> int:
+        """How many ways `what` ("weights", "grads", "optimizer") is split: world or 1. Unsloth's shared vLLM
+        engine (fast_inference) reads the whole weights in place, so they are never sharded under it."""
+        if what == "weights" and self.fast_inference:
+            return 1
+        return self.world if what in SHARDED[self.strategy] else 1
+
+
+SHARDED = {"ddp": (), "zero2": ("grads", "optimizer"), "zero3": ("weights", "grads", "optimizer"),
+           "fsdp2": ("weights", "grads", "optimizer")}
+STRATEGIES = tuple(SHARDED)
 
 
 @dataclass
@@ -220,6 +248,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     max_generations: int | None = None
     max_completion: int | None = None
+    server: ServerPlan | None = None  # generation.vllm_mode = "server": the server's GPUs
 
     @property
     def rows(self) -> list[Term]:
@@ -232,7 +261,9 @@ class Plan:
     @property
     def fits(self) -> bool:
         b = self.breakdown
-        return b.total <= self.card and (b.kv_room is None or b.kv_room >= b.kv_needed)
+        processes = self.knobs.world if self.knobs.device == "cpu" else 1  # CPU processes share one RAM
+        trainer = b.total * processes <= self.card and (b.kv_room is None or b.kv_room >= b.kv_needed)
+        return trainer and (self.server is None or self.server.fits)
 
     def gib(self, value: float) -> float:
         return round(value / GiB, 2)
@@ -253,7 +284,8 @@ def plan_device(recipe, gpu_memory: float | None) -> str:
     return "cpu" if gpu_memory is None and not backends.cuda_available() and not needs_gpu else "cuda"
 
 
-def knobs_from_recipe(recipe, backend: str, device: str = "cuda") -> Knobs:
+def knobs_from_recipe(recipe, backend: str, device: str = "cuda", world: int | None = None,
+                      strategy: str | None = None) -> Knobs:
     m, t, g, lora = recipe.model, recipe.training, recipe.generation, recipe.lora
     targets = list(ModelShape(1, 1, 1, 1, 1, 1, True).linear_shapes()) if lora.target_modules == "all-linear" \
         else list(lora.target_modules)
@@ -277,6 +309,9 @@ def knobs_from_recipe(recipe, backend: str, device: str = "cuda") -> Knobs:
         prompt=recipe.data.max_prompt_length,
         completion=g.max_completion_length,
         device=device,
+        world=world or recipe.distributed.nproc,
+        strategy=strategy or recipe.distributed.strategy,
+        server=g.use_vllm and g.vllm_mode == "server" and not (m.fast_inference and unsloth),
     )
 
 
@@ -326,19 +361,30 @@ class Breakdown:
 def weights_term(shape: ModelShape, k: Knobs) -> Term:
     if k.load_in_4bit:
         linear = shape.linear_params()
-        return Term("base weights (4-bit)", linear * NF4_BITS / 8 + (shape.params() - linear) * 2,
-                    f"{shape.params() / 1e9:.2f}B params, Linear layers NF4 ({NF4_BITS:.3f} bits), embeddings 16-bit")
-    return Term(f"base weights ({8 * k.weight_bytes}-bit)", shape.params() * k.weight_bytes,
-                f"{shape.params() / 1e9:.2f}B params x {k.weight_bytes} bytes")
+        whole = linear * NF4_BITS / 8 + (shape.params() - linear) * 2
+        what, how = "base weights (4-bit)", \
+            f"{shape.params() / 1e9:.2f}B params, Linear layers NF4 ({NF4_BITS:.3f} bits), embeddings 16-bit"
+    else:
+        whole = shape.params() * k.weight_bytes
+        what, how = f"base weights ({8 * k.weight_bytes}-bit)", f"{shape.params() / 1e9:.2f}B params x {k.weight_bytes} bytes"
+    n = k.sharded("weights")
+    if n == 1:
+        return Term(what, whole, how)
+    gathered = min(whole, 2 * whole / shape.layers)  # the layer computing and the one prefetched, whole
+    return Term(f"{what}, 1/{n} shard", min(whole, whole / n + gathered),
+                f"{how}; {k.strategy} over {n} GPUs: 1/{n} each + 2 layers gathered whole")
 
 
 def lora_term(shape: ModelShape, k: Knobs) -> Term:
     dims = shape.linear_shapes()
     unknown = [t for t in k.lora_targets if t not in dims]
     params = shape.layers * sum(k.lora_r * sum(dims[t]) for t in k.lora_targets if t in dims)
-    per_param = 4 + 4 + (2 if k.optim_8bit else 8)
+    optim = 2 if k.optim_8bit else 8
+    per_param = 4 / k.sharded("weights") + 4 / k.sharded("grads") + optim / k.sharded("optimizer")
+    split = [w for w in ("weights", "grads", "optimizer") if k.sharded(w) > 1]
     return Term("LoRA weights + grads + optimizer", params * per_param,
-                f"{params / 1e6:.1f}M params x {per_param} bytes ({'8-bit AdamW' if k.optim_8bit else 'AdamW'})"
+                f"{params / 1e6:.1f}M params x {per_param:.3g} bytes ({'8-bit AdamW' if k.optim_8bit else 'AdamW'}"
+                + (f"; {', '.join(split)} 1/{k.world} each" if split else "") + ")"
                 + (f"; not counted: {unknown}" if unknown else ""))
 
 
@@ -376,6 +422,9 @@ def generation_term(shape: ModelShape, k: Knobs, card: float, weights: float, lo
     S = k.prompt + k.completion
     kv_token = shape.kv_bytes_per_token() * (2 if k.device == "cpu" and k.weight_bytes == 4 else 1)
     kv_needed = kv_token * (k.max_seq_length if k.fast_inference else S)
+    if k.server:
+        return Term("generation", 0.0, "vllm_mode = server: no vLLM engine on the trainer's GPUs (server below)"), \
+            kv_needed, None
     if not k.use_vllm:
         gen_batch = k.batch * k.accumulation
         return Term(f"generation KV cache ({gen_batch} x {S} tokens)", gen_batch * S * kv_token + gen_batch * shape.vocab * 4,
@@ -406,6 +455,43 @@ def estimate(shape: ModelShape, k: Knobs, card: float) -> Breakdown:
     else:
         runtime = Term("CUDA context + allocator", CUDA_CONTEXT, "fixed assumption")
     return Breakdown(weights, lora, act, logits, gen, runtime, kv_needed, kv_room)
+
+
+@dataclass
+class ServerPlan:
+    """Each of the vLLM server's GPUs (`lowmem-r1 serve`, tensor parallel over `tp`): vLLM reserves `share` of
+    the card for 1/tp of the weights and a KV cache in the rest."""
+
+    tp: int
+    share: float
+    card: float
+    weights: float  # per GPU
+    kv_token: float  # KV bytes per token per GPU
+    sequence: int  # tokens of one whole sequence
+
+    @property
+    def reserved(self) -> float:
+        return self.share * self.card
+
+    @property
+    def kv_room(self) -> float:
+        return self.reserved - self.weights
+
+    @property
+    def sequences(self) -> int:
+        return max(0, int(self.kv_room // (self.kv_token * self.sequence)))
+
+    @property
+    def fits(self) -> bool:
+        return self.sequences >= 1
+
+
+def server_plan(shape: ModelShape, k: Knobs, card: float, tp: int,
+                share: float = SERVER_GPU_MEMORY_UTILIZATION) -> ServerPlan:
+    """The server loads the base model in 16-bit (fp32 when model.dtype says so), not the trainer's 4-bit."""
+    per_gpu_kv_heads = max(1, shape.kv_heads // tp)  # vLLM replicates KV heads when tp exceeds them
+    kv_token = 2 * shape.layers * per_gpu_kv_heads * shape.d * k.weight_bytes
+    return ServerPlan(tp, share, card, shape.params() * k.weight_bytes / tp, kv_token, k.prompt + k.completion)
 
 
 def _fits(shape, k, card) -> bool:
@@ -462,17 +548,27 @@ def ram() -> tuple[float, str]:
     return float(total), "this machine's RAM (CPU run)"
 
 
-def make_plan(recipe, gpu_memory: float | None = None, search: bool = True) -> Plan:
+def make_plan(recipe, gpu_memory: float | None = None, search: bool = True, gpus: int | None = None,
+              strategy: str | None = None) -> Plan:
+    """The estimate for one GPU of `gpus` training processes (default: distributed.nproc) sharded by `strategy`
+    (default: distributed.strategy), and for the server's GPUs in server mode."""
+    if gpus is not None and gpus < 1:
+        raise UserError(f"--gpus {gpus}: must be at least 1 (the number of training processes)")
+    if strategy is not None and strategy not in STRATEGIES:
+        raise UserError(f"--strategy {strategy!r}: unknown; use one of {', '.join(STRATEGIES)}")
     shape = model_shape(recipe.model.name, recipe.model.revision)
     device = plan_device(recipe, gpu_memory)
     if device == "cpu":  # Unsloth's CPU backend is plain transformers + PEFT: the hf terms apply
         card, source = ram()
-        k = knobs_from_recipe(recipe, "hf", device)
+        k = knobs_from_recipe(recipe, "hf", device, gpus, strategy)
     else:
         card, source = card_memory(gpu_memory)
-        k = knobs_from_recipe(recipe, plan_backend(recipe), device)
+        k = knobs_from_recipe(recipe, plan_backend(recipe), device, gpus, strategy)
     b = estimate(shape, k, card)
     plan = Plan(recipe.name, shape, k, card, source, b)
+    if k.server:
+        plan.server = server_plan(shape, k, card, recipe.generation.vllm_tensor_parallel_size)
+    distributed_notes(plan)
     if b.kv_room is not None:
         need, room = b.kv_needed, b.kv_room
         plan.notes.append(
@@ -493,6 +589,28 @@ def make_plan(recipe, gpu_memory: float | None = None, search: bool = True) -> P
         plan.max_generations = largest_generations(shape, k, card)
         plan.max_completion = largest_completion(shape, k, card)
     return plan
+
+
+def distributed_notes(plan: Plan) -> None:
+    """What sharding does and does not split for this recipe, said plainly."""
+    k = plan.knobs
+    if k.world > 1 or k.strategy != "ddp":
+        plan.notes.append(f"per GPU of {k.world} training process(es), {k.strategy}: each trains its own "
+                          f"micro-batch of {k.batch} completions (the global batch is {k.world} x that); "
+                          f"activations, logits and generation are not sharded")
+    if k.strategy == "zero2":
+        whole = lora_term(plan.shape, replace(k, world=1)).bytes
+        plan.notes.append(f"zero2 shards only the optimizer state and gradients: with LoRA those are in the "
+                          f"{plan.gib(whole)} GiB LoRA term, the frozen base weights stay whole on every GPU; "
+                          f"zero3 / fsdp2 shard them too")
+    if k.fast_inference and k.world > 1 and k.strategy in ("zero3", "fsdp2"):
+        plan.notes.append(f"model.fast_inference: Unsloth's vLLM engine shares the whole weights in place, so "
+                          f"{k.strategy} cannot shard them (planned whole on every GPU)")
+    if k.device == "cpu" and k.world > 1:
+        plan.notes.append(f"{k.world} CPU processes share this RAM: {k.world} x the peak must fit")
+    if k.use_vllm and not k.server and k.world > 1:
+        plan.notes.append("colocated vLLM: every training GPU runs its own engine with the whole weights "
+                          "(its share is not sharded)")
 
 
 def warn_if_not_fit(recipe) -> str | None:
@@ -520,7 +638,8 @@ def print_plan(plan: Plan, console=None) -> None:
 
     console = console or Console(highlight=False)
     k = plan.knobs
-    table = Table(title=f"plan: {plan.name} ({k.backend}, {plan.shape.source})")
+    gpus = f", per GPU: {k.world} x {k.strategy}" if k.world > 1 or k.strategy != "ddp" else ""
+    table = Table(title=f"plan: {plan.name} ({k.backend}, {plan.shape.source}{gpus})")
     table.add_column("memory", style="cyan")
     table.add_column("GiB", justify="right")
     table.add_column("how")
@@ -531,6 +650,8 @@ def print_plan(plan: Plan, console=None) -> None:
     console.print(table)
     for note in plan.notes:
         console.print(f"  {escape(note)}")
+    if plan.server is not None:
+        print_server(plan, console)
     verdict = "[green]fits[/]" if plan.fits else "[red]does not fit[/]"
     console.print(f"verdict: {verdict} (estimate from config; not measured)")
     if plan.max_generations is not None or plan.max_completion is not None:
@@ -542,6 +663,15 @@ def print_plan(plan: Plan, console=None) -> None:
         )
     elif not plan.fits:
         console.print("even num_generations = 2 and 1-token completions do not fit: a smaller model or 4-bit")
+
+
+def print_server(plan: Plan, console) -> None:
+    sv, gib = plan.server, plan.gib
+    console.print(
+        f"vLLM server (`lowmem-r1 serve`, {sv.tp} GPU(s) of its own besides the {plan.knobs.world} training GPU(s)), "
+        f"per GPU: {gib(sv.reserved)} GiB reserved ({sv.share} x card) = weights {gib(sv.weights)} GiB (1/{sv.tp}) + "
+        f"KV cache {gib(max(sv.kv_room, 0))} GiB, ~{sv.sequences} sequences of {sv.sequence} tokens at once "
+        + ("[green]fits[/]" if sv.fits else "[red]does not fit: more --tp or a larger card[/]"))
 
 
 def _bound(value: int | None, limit: int) -> str:

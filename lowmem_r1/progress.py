@@ -14,6 +14,7 @@ from . import health
 from .callbacks import Callback
 from .recipe import Recipe
 from .rundir import RunDir, read_jsonl
+from .serve import server_url, uses_server
 
 
 def make_console() -> Console:
@@ -59,6 +60,9 @@ def print_dry_run(recipe: Recipe, path: Path | str, console: Console | None = No
             numbers.add_row("groups without reward spread", "left out of the update" + (
                 f", refilled from up to {t.max_refill_draws} extra generation rounds per step"
                 if t.dynamic_sampling == "refill" else ""))
+    if uses_server(recipe):
+        numbers.add_row("generation", f"vLLM server at {server_url(recipe)} (`lowmem-r1 serve`), checked before "
+                                      f"step 1, waiting up to {recipe.generation.vllm_server_timeout:g} s")
     numbers.add_row("checkpoints", f"every {t.save_steps} steps, keep {t.save_total_limit or 'all'}")
     numbers.add_row("run directory", str(recipe.run_dir()))
     console.print(numbers)

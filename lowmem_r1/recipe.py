@@ -20,7 +20,7 @@ from . import rewards
 from .data import TASKS, check_prompt, get_task
 from .data.sources import check_local
 from .errors import UserError
-from .models import BUILTINS, cache_dir, check_name
+from .models import BUILTINS, builtin_cache_path, check_name
 from .sft import check_sft_data
 
 BUILTIN_DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
@@ -407,7 +407,7 @@ def check_model_sizes(recipe: Recipe, source: str) -> None:
     """Settings that cannot work with this model, from its config.json when it is a local folder (or the
     builtin's cached one): a LoRA rank above the hidden size, a sequence longer than its positions."""
     name = recipe.model.name
-    folder = cache_dir() / "models" / name.split(":", 1)[1] if name in BUILTINS else Path(name).expanduser()
+    folder = builtin_cache_path(name) if name in BUILTINS else Path(name).expanduser()
     try:
         cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         cfg = cfg.get("text_config") or cfg

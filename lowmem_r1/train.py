@@ -36,6 +36,7 @@ from .recipe import Recipe, load_recipe, recipe_to_toml
 from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
 from .rundir import RunDir, checkpoint_step, disk_needed, jsonl_rows, staged_trainer
 from .sampling import DynamicSampling
+from .serve import uses_server, wait_for_server
 from .sft import build_trainer as build_sft_trainer
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
@@ -66,6 +67,9 @@ def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None =
     """Run the recipe's stage (GRPO, or SFT: lowmem_r1/sft.py). Returns the process exit code (0 done, 130
     interrupted). `callbacks`: extra trainer callbacks (benchmarks measure held-out accuracy while training)."""
     console = console or progress.make_console()
+    if uses_server(recipe):  # before anything else: no server is the first thing to say (serve.py)
+        info = wait_for_server(recipe, say=lambda text: console.print(f"[yellow]vLLM server:[/] {text}"))
+        console.print(f"vLLM server at {info.url}: {info.model} on {info.world_size} GPU(s)")
     # First: a refused GPU setting must not leave a run directory behind; and unsloth, when chosen, is
     # imported here (select calls backend.prepare()), before anything imports trl/transformers/peft.
     backend = backends.select(recipe)

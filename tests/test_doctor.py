@@ -116,3 +116,51 @@ def test_gpu_rows_with_a_simulated_card(monkeypatch):
     assert "CUDA 12.8" in by["torch build"].value
     assert by["GPU 0"].status == D.WARN and "6.0" in by["GPU 0"].value and "fast_inference=false" in by["GPU 0"].fix
     assert by["GPU 1"].status == D.OK and "20.0 of 24.0 GiB free" in by["GPU 1"].value
+
+
+# --- several processes (issue 19) ---------------------------------------------------------------------
+
+FULL = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+
+@pytest.mark.parametrize("env, gpus, cuda, status, says", [
+    ({}, 0, False, D.INFO, "one process"),
+    (FULL, 2, True, D.OK, "RANK 1 of WORLD_SIZE 2, LOCAL_RANK 1, master 10.0.0.1:29500"),
+    (FULL, 0, False, D.OK, "RANK 1 of WORLD_SIZE 2"),  # CPU processes over gloo need no GPU each
+    ({"RANK": "0", "WORLD_SIZE": "2"}, 2, True, D.FAIL, "set but not LOCAL_RANK, MASTER_ADDR, MASTER_PORT"),
+    ({**FULL, "RANK": "2"}, 2, True, D.FAIL, "RANK=2 with WORLD_SIZE=2"),
+    ({**FULL, "WORLD_SIZE": "two"}, 2, True, D.FAIL, "WORLD_SIZE='two' is not a whole number"),
+    ({**FULL, "MASTER_PORT": "70000"}, 2, True, D.FAIL, "MASTER_PORT=70000"),
+    ({**FULL, "LOCAL_RANK": "1"}, 1, True, D.FAIL, "LOCAL_RANK=1 but this process sees 1 GPU(s)"),
+])
+def test_launch_environment(env, gpus, cuda, status, says):
+    check = D.launch_env_check(env, gpus, cuda)
+    assert check.status == status and says in check.value, check
+    assert bool(check.fix) == (status == D.FAIL)
+
+
+def test_distributed_rows_here():
+    """This CPU machine: gloo is there, no GPU, no launch variables; deepspeed only matters for ZeRO."""
+    rows = {c.what: c for c in D.distributed_checks(cuda=False, env={})}
+    assert rows["distributed backends"].status == D.OK and "gloo yes" in rows["distributed backends"].value
+    assert rows["GPUs seen"].value == "0 (CUDA_VISIBLE_DEVICES unset)"
+    assert rows["launch environment"].status == D.INFO
+    assert rows["deepspeed"].status in (D.OK, D.INFO)
+    assert "distributed backends" in {c.what for c in D.run_checks()}
+
+
+def test_zero_without_deepspeed_and_more_processes_than_gpus_are_red(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(D, "version_of", lambda p: None if p == "deepspeed" else "1.0")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: "NVIDIA H100")
+    recipe = recipe_from_dict({"rewards": [{"name": "brevity"}],
+                               "distributed": {"strategy": "zero3", "nproc": 4}}, check_rewards=False)
+    rows = {c.what: c for c in D.distributed_checks(cuda=True, recipe=recipe, env={"CUDA_VISIBLE_DEVICES": "0,1"})}
+    assert rows["GPUs seen"].value == "2: NVIDIA H100, NVIDIA H100 (CUDA_VISIBLE_DEVICES='0,1')"
+    assert rows["GPUs seen"].status == D.FAIL and "distributed.nproc = 4" in rows["GPUs seen"].fix
+    assert rows["deepspeed"].status == D.FAIL and "fsdp2" in rows["deepspeed"].fix
+    ddp = recipe_from_dict({"rewards": [{"name": "brevity"}]}, check_rewards=False)
+    rows = {c.what: c for c in D.distributed_checks(cuda=True, recipe=ddp, env={})}
+    assert rows["deepspeed"].status == D.INFO and rows["GPUs seen"].status == D.OK

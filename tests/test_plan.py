@@ -181,3 +181,84 @@ def test_plan_command_prints_breakdown_and_verdict(tmp_path):
     for word in ("base weights (4-bit)", "LoRA", "activations", "loss logits", "verdict: does not fit",
                  "largest that fits"):
         assert word in done.stdout
+
+
+# --- several GPUs (issue 19): what each strategy shards, and the trainer / vLLM server split -------------
+
+
+def _hf_recipe(*overrides):
+    raw = {"model": {"name": "Qwen/Qwen2.5-3B-Instruct", "backend": "hf"}, "rewards": [{"name": "brevity"}]}
+    return recipe_from_dict(raw, overrides=list(overrides), check_rewards=False)
+
+
+def test_strategies_shard_what_they_say_per_gpu():
+    r = _hf_recipe()
+    one = P.make_plan(r, gpu_memory=80, gpus=1).breakdown
+    b = {s: P.make_plan(r, gpu_memory=80, gpus=4, strategy=s).breakdown for s in P.STRATEGIES}
+    # ddp: nothing sharded, a whole copy per GPU
+    assert b["ddp"].total == pytest.approx(one.total)
+    # every process trains its own micro-batch: activations and logits never shrink
+    for s in P.STRATEGIES:
+        assert (b[s].activations.bytes, b[s].logits.bytes) == (one.activations.bytes, one.logits.bytes)
+    # zero2: the frozen base weights stay whole; LoRA grads + AdamW states (4 + 8 bytes) split 4 ways
+    assert b["zero2"].weights.bytes == one.weights.bytes
+    lora_params = one.lora.bytes / 16
+    assert b["zero2"].lora.bytes == pytest.approx(lora_params * (4 + 12 / 4))
+    # zero3 / fsdp2: the weights too, plus two layers gathered whole
+    shape = P.model_shape("Qwen/Qwen2.5-3B-Instruct")
+    assert b["zero3"].weights.bytes == pytest.approx(one.weights.bytes * (1 / 4 + 2 / shape.layers))
+    assert b["zero3"].lora.bytes == pytest.approx(one.lora.bytes / 4)
+    assert b["fsdp2"].total == pytest.approx(b["zero3"].total)
+    assert one.total > b["zero2"].total > b["zero3"].total
+    # more GPUs, smaller shards
+    assert P.make_plan(r, gpu_memory=80, gpus=8, strategy="zero3").total < b["zero3"].total
+
+
+def test_gpus_and_strategy_default_to_the_recipes_distributed_section():
+    plan = P.make_plan(_hf_recipe("distributed.nproc=2", "distributed.strategy=fsdp2"), gpu_memory=80)
+    assert (plan.knobs.world, plan.knobs.strategy) == (2, "fsdp2")
+    assert any("2 training process(es), fsdp2" in n for n in plan.notes)
+    with pytest.raises(UserError, match="--gpus 0"):
+        P.make_plan(_hf_recipe(), gpus=0)
+    with pytest.raises(UserError, match="--strategy 'zero1'"):
+        P.make_plan(_hf_recipe(), strategy="zero1")
+
+
+def test_unsloths_shared_engine_keeps_whole_weights():
+    raw = {"model": {"name": "Qwen/Qwen2.5-3B-Instruct", "backend": "unsloth", "load_in_4bit": True,
+                     "fast_inference": True}, "rewards": [{"name": "brevity"}]}
+    r = recipe_from_dict(raw, check_rewards=False)
+    one, four = (P.make_plan(r, gpu_memory=24, gpus=n, strategy="zero3") for n in (1, 4))
+    assert four.breakdown.weights.bytes == one.breakdown.weights.bytes
+    assert any("cannot shard them" in n for n in four.notes)
+
+
+def test_server_mode_moves_generation_to_the_servers_gpus():
+    colocated = P.make_plan(_hf_recipe("generation.use_vllm=true"), gpu_memory=80)
+    r = _hf_recipe("generation.use_vllm=true", "generation.vllm_mode=server")
+    plan = P.make_plan(r, gpu_memory=80)
+    assert plan.breakdown.generation.bytes == 0 and plan.breakdown.kv_room is None
+    assert colocated.breakdown.generation.bytes == pytest.approx(0.3 * 80 * P.GiB)
+    assert plan.total == pytest.approx(colocated.total - colocated.breakdown.generation.bytes)
+    sv = plan.server
+    shape = P.model_shape("Qwen/Qwen2.5-3B-Instruct")
+    assert sv.reserved == pytest.approx(0.9 * 80 * P.GiB)  # serve.SERVER_GPU_MEMORY_UTILIZATION of its card
+    assert sv.weights == pytest.approx(shape.params() * 2)  # 16-bit, tp = 1
+    assert sv.fits and plan.fits and sv.sequences > 100
+    tp2 = P.make_plan(_hf_recipe("generation.use_vllm=true", "generation.vllm_mode=server",
+                                 "generation.vllm_tensor_parallel_size=2"), gpu_memory=80).server
+    assert tp2.weights == pytest.approx(sv.weights / 2) and tp2.kv_token == pytest.approx(sv.kv_token / 2)
+    tp4 = P.server_plan(shape, plan.knobs, 80 * P.GiB, tp=4)  # 2 KV heads: replicated beyond tp = 2
+    assert tp4.kv_token == tp2.kv_token and tp4.weights == pytest.approx(sv.weights / 4)
+    tiny = P.server_plan(shape, plan.knobs, 6 * P.GiB, tp=1)  # 5.4 GiB share < 5.75 GiB of weights
+    assert not tiny.fits
+
+
+def test_plan_cli_takes_gpus_and_strategy():
+    out = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "plan", str(REPO / "recipes" / "gsm8k.toml"),
+                          "--gpus", "2", "--strategy", "zero2", "--set", "generation.use_vllm=true", "--set",
+                          "generation.vllm_mode=server", "--set", "model.fast_inference=false"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO, env={"COLUMNS": "250", "PATH": "/usr/bin",
+                                                                                     "HF_HUB_OFFLINE": "1"})
+    assert out.returncode == 0, out.stderr
+    assert "per GPU: 2 x zero2" in out.stdout and "vLLM server (`lowmem-r1 serve`, 1 GPU(s)" in out.stdout

@@ -103,6 +103,16 @@ def lora_kwargs(lora) -> dict:
                 use_rslora=lora.use_rslora)
 
 
+def vllm_server_kwargs(generation) -> dict:
+    """GRPOConfig's server-mode keys (TRL 1.15 names) when generation.vllm_mode = "server", else none. The
+    server itself is started by `lowmem-r1 serve` (serve.py), which also checks it before step 1."""
+    g = generation
+    if g.vllm_mode != "server":
+        return {}
+    return dict(vllm_server_host=g.vllm_server_host, vllm_server_port=g.vllm_server_port,
+                vllm_server_timeout=g.vllm_server_timeout)
+
+
 def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
@@ -149,6 +159,10 @@ def requirements(recipe, name: str | None = None) -> list[str]:
             out.append(f"{key}: this GPU (compute capability {major}.{minor}) is too old for vLLM (7.0+); {off}")
     if name == "unsloth" and cuda and g.use_vllm and not m.fast_inference and m.load_in_4bit:
         out.append(
+            "generation.vllm_mode = 'server': TRL's vLLM server cannot receive 4-bit weight updates "
+            "(huggingface/trl#4973); --set model.load_in_4bit=false (16-bit LoRA), or generate colocated with "
+            "--set generation.vllm_mode=colocate --set model.fast_inference=true"
+            if g.vllm_mode == "server" else
             "generation.use_vllm: with unsloth and a 4-bit model, vLLM must share the weights (TRL's own "
             "engine cannot receive 4-bit weight updates); --set model.fast_inference=true"
         )
@@ -160,6 +174,13 @@ def combination_problems(recipe, name: str) -> list[str]:
     TRL's colocated vLLM receives peft-merged packed 4-bit weights without their quant state and fails at
     the first weight sync (huggingface/trl#4973, #3654); Unsloth's engine shares the 4-bit weights instead."""
     m, g = recipe.model, recipe.generation
+    if name == "unsloth" and m.fast_inference and g.use_vllm and g.vllm_mode == "server":
+        return [
+            "generation.vllm_mode = 'server' with model.fast_inference on unsloth: Unsloth's engine shares the "
+            "training weights on the same GPU and its trainer forces colocated generation, so the server would "
+            "go unused; --set model.fast_inference=false to generate on the server, or "
+            "--set generation.vllm_mode=colocate"
+        ]
     if name == "hf" and m.load_in_4bit and (g.use_vllm or m.fast_inference):
         why = "model.backend = 'hf'" if m.backend == "hf" else "auto chose hf: unsloth is not installed"
         off = "--set generation.use_vllm=false" + (" --set model.fast_inference=false" if m.fast_inference else "")
@@ -195,5 +216,5 @@ def fallbacks(recipe, name: str) -> list[str]:
 
 
 __all__ = [
-    "choose", "select", "preflight", "requirements", "combination_problems", "fallbacks", "cuda_available", "unsloth_installed", "UserError",
+    "choose", "select", "preflight", "vllm_server_kwargs", "requirements", "combination_problems", "fallbacks", "cuda_available", "unsloth_installed", "UserError",
 ]

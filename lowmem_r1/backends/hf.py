@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..models import load_tokenizer, resolve_model
 from ..precision import nf4_config, torch_dtype, trainer_flags
-from . import lora_kwargs
+from . import lora_kwargs, vllm_server_kwargs
 
 
 class HFBackend:
@@ -54,5 +54,6 @@ class HFBackend:
                 vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
                 # without it vLLM sizes its KV cache for the model's whole context (32k for Qwen2.5)
                 vllm_max_model_length=recipe.data.max_prompt_length + g.max_completion_length,
+                **vllm_server_kwargs(g),  # vllm_mode = "server": where `lowmem-r1 serve` listens
             )
         return out

@@ -21,7 +21,7 @@ from .. import backends
 from ..errors import UserError
 from ..models import resolve_model
 from ..precision import torch_dtype, trainer_flags
-from . import lora_kwargs
+from . import lora_kwargs, vllm_server_kwargs
 
 log = logging.getLogger("lowmem_r1")
 
@@ -122,6 +122,7 @@ def gpu_grpo_overrides(recipe, dtype) -> dict:
             use_vllm=True,
             vllm_mode=g.vllm_mode,
             vllm_gpu_memory_utilization=g.vllm_gpu_memory_utilization,
+            **vllm_server_kwargs(g),  # vllm_mode = "server": where `lowmem-r1 serve` listens
         )
     return out
 
