@@ -122,12 +122,12 @@ def batch_problem(training, world_size: int) -> str | None:
         return None
     generations = [n for n in range(2, total + 1) if total % n == 0]
     step = t.num_generations // gcd(t.num_generations, t.gradient_accumulation_steps * world_size)
-    sizes = ", ".join(str(step * i) for i in range(1, 5))
+    sizes = ", ".join(str(step * i) for i in range(1, 4))
     procs = f" x {world_size} processes" if world_size > 1 else ""
     return (f"per_device_train_batch_size {t.per_device_train_batch_size} x gradient_accumulation_steps "
             f"{t.gradient_accumulation_steps}{procs} = {total} completions per step cannot be split into groups of "
             f"num_generations = {t.num_generations}; valid num_generations: {', '.join(map(str, generations)) or 'none'}; "
-            f"or per_device_train_batch_size = {sizes}, ...")
+            f"or make per_device_train_batch_size a multiple of {step} ({sizes}, ...)")
 
 
 def problems(recipe, world_size: int, backend: str, machine: bool = True) -> list[str]:

@@ -233,6 +233,18 @@ def staged_trainer(base):
                 self._publish(root, staging, name, limit)
             self.accelerator.wait_for_everyone()
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            """Several CPU processes: transformers loads the optimizer onto args.device, which accelerate makes
+            `cpu:0` there and torch.load cannot map to ("don't know how to restore data location"). Load
+            both onto the CPU, as transformers does for one process."""
+            if not (checkpoint and self.args.world_size > 1 and self.args.device.type == "cpu"):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            import torch
+
+            load = lambda name: torch.load(Path(checkpoint) / name, map_location="cpu", weights_only=True)  # noqa: E731
+            self.optimizer.load_state_dict(load("optimizer.pt"))
+            self.lr_scheduler.load_state_dict(load("scheduler.pt"))
+
         def _publish(self, root: Path, staging: Path, name: str, limit) -> None:
             _fsync_tree(staging / name)
             maybe_fault("save", self.state.global_step)

@@ -241,14 +241,18 @@ class RunStatus:
         self.write("completed", seconds=round(time.time() - self.started, 1))
 
     def __exit__(self, kind, error, tb) -> bool:
-        signal.signal(signal.SIGTERM, self._previous_term or signal.SIG_DFL)
+        several = launch.world().size > 1
+        # After a failure with several processes, torchrun sends SIGTERM to the survivors: let this one finish
+        # saying what happened and how to resume (it exits right after; torchrun's SIGKILL follows in 30 s).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if several and error is not None
+                      else self._previous_term or signal.SIG_DFL)
         if error is None:
             return False
         if not self.main:  # the main process reports the stop; this one ends with a code of its own
             if isinstance(error, (KeyboardInterrupt, Terminated)):
                 raise SystemExit(130 if isinstance(error, KeyboardInterrupt) else 143) from None
             return False
-        if launch.world().size > 1 and _peer_gone(error):
+        if several and _peer_gone(error):
             self.write("failed", error="another training process stopped")
             raise UserError(f"{self.run.path}: another training process stopped at step {self.step} (its error is "
                             f"above); run.json marked failed; resume from the last complete checkpoint with: "
@@ -582,4 +586,5 @@ def _peer_gone(error: BaseException) -> bool:
     """A collective failed because another process of the job died (gloo/NCCL lost the connection)."""
     import torch.distributed as dist
 
-    return isinstance(error, getattr(dist, "DistError", ())) or "Connection closed by peer" in str(error)
+    lost = ("Connection closed by peer", "Connection reset by peer", "gloo/transport")
+    return isinstance(error, getattr(dist, "DistError", ())) or any(s in str(error) for s in lost)
