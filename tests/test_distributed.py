@@ -139,11 +139,14 @@ def test_dry_run_shows_the_launch_for_each_strategy():
     assert "-m torch.distributed.run --standalone --nproc_per_node=2" in line
     assert line.endswith(f"-m lowmem_r1 train {DEMO}")  # the same command, without --nproc / --dry-run
     assert "64 completions per step (16 prompts x 4 generations)" in out.stdout
-    for strategy in ("zero2", "zero3", "fsdp2"):
-        out = cli("train", str(DEMO), "--dry-run", "--nproc", "2", "--set", f"distributed.strategy={strategy}")
-        assert out.returncode == 0, out.stderr
-        config = launch.CONFIGS / f"{strategy}.yaml"
-        assert f"-m accelerate.commands.launch --config_file {config} --num_processes=2 -m lowmem_r1 train" in out.stdout
+    out = cli("train", str(DEMO), "--dry-run", "--nproc", "2", "--set", "distributed.strategy=zero3")
+    assert out.returncode == 0, out.stderr
+    config = launch.CONFIGS / "zero3.yaml"
+    assert f"-m accelerate.commands.launch --config_file {config} --num_processes=2 -m lowmem_r1 train" in out.stdout
+    for strategy in ("zero2", "fsdp2"):
+        cmd = launch.command(recipe(distributed={"strategy": strategy}), 4, ["train", "r.toml", "--nproc", "4"])
+        assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(launch.CONFIGS / f"{strategy}.yaml"),
+                           "--num_processes=4", "-m", "lowmem_r1", "train", "r.toml"]
     # one process: nothing about a launch
     assert "would launch" not in cli("train", str(DEMO), "--dry-run").stdout
 
