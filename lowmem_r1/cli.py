@@ -398,7 +398,6 @@ def quiet_third_party() -> None:
 
 
 def main() -> None:
-    launch.restore_ctrl_c()
     if "--debug" not in sys.argv[1:]:
         quiet_third_party()
     try:

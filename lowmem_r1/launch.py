@@ -31,7 +31,8 @@ CONFIGS = Path(__file__).parent / "configs" / "accelerate"
 STRATEGY_CONFIG = {"ddp": "ddp.yaml", "zero2": "zero2.yaml", "zero3": "zero3.yaml", "fsdp2": "fsdp2.yaml"}
 DEEPSPEED = ("zero2", "zero3")
 SHARDED = ("zero3", "fsdp2")  # the weights themselves are split across processes
-LAUNCHED = "LOWMEM_R1_LAUNCHED"  # set by `train --nproc` for its children: the parent reports the exit
+# Seconds torchrun lets the processes finish a step and checkpoint after Ctrl-C (its default, 30, is short).
+SHUTDOWN_TIMEOUT = 600
 
 
 @dataclass(frozen=True)
@@ -195,36 +196,29 @@ def command(recipe, nproc: int, argv: list[str]) -> list[str]:
     accelerate's launcher with the strategy's config file for DeepSpeed / FSDP2."""
     args = ["-m", "lowmem_r1", *strip_nproc(argv)]
     strategy = recipe.distributed.strategy
-    if strategy == "ddp":  # Ctrl-C goes from the terminal to the ranks alone (see run); torchrun passes it on not
+    if strategy == "ddp":
         return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                "--signals_to_handle=SIGTERM,SIGHUP,SIGQUIT", *args]
+                f"--shutdown_timeout={SHUTDOWN_TIMEOUT}", *args]
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
             str(CONFIGS / STRATEGY_CONFIG[strategy]), f"--num_processes={nproc}", *args]
 
 
 def run(recipe, nproc: int, argv: list[str], run_dir: Path, resume_hint: str) -> int:
-    """Run the launcher as a child and return its exit code. Ctrl-C reaches every process from the
-    terminal; this parent and torchrun ignore it and the ranks stop together at the step's end with a
-    checkpoint (restore_ctrl_c; a second Ctrl-C stops them at once). When the main process died without
-    saying so (run.json still `running`), this says it once, with the resume command; otherwise the main
-    process already did."""
+    """Run the launcher as a child and return its exit code. Ctrl-C: this parent ignores it; torchrun (whose
+    workers sit in sessions of their own, out of the terminal's reach) passes it on to every process once,
+    and they stop together at the end of the step with a checkpoint, within SHUTDOWN_TIMEOUT. When the main
+    process died without saying so (run.json still `running`), this says it once, with the resume command;
+    otherwise the main process already did."""
     cmd = command(recipe, nproc, argv)
     print(f"launching {nproc} processes: {' '.join(cmd)}", flush=True)
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        code = subprocess.call(cmd, env={**os.environ, LAUNCHED: "1"})
+        code = subprocess.call(cmd)
     finally:
         signal.signal(signal.SIGINT, previous)
     if code != 0:
         code = report_stop(run_dir, code, resume_hint)
     return code
-
-
-def restore_ctrl_c() -> None:
-    """In a process `train --nproc` launched, Ctrl-C arrives ignored (inherited from the parent, so that
-    torchrun does not act on it): make it interrupt again."""
-    if os.environ.get(LAUNCHED) and signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def report_stop(run_dir: Path, code: int, resume_hint: str) -> int:

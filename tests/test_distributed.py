@@ -384,6 +384,37 @@ def test_two_processes_one_run_identical_adapters(tmp_path, base_model_dir):
 
 
 @pytest.mark.slow
+def test_ctrl_c_stops_every_process_at_the_same_step(tmp_path, base_model_dir):
+    """Ctrl-C as a terminal sends it (SIGINT to the foreground process group) during `train --nproc 2`: both
+    processes finish the step, one checkpoint and the adapter are saved, the resume command is said once."""
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    log = tmp_path / "log.txt"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "lowmem_r1", "train", str(DEMO), "--nproc", "2", *TINY,
+                                 "--set", "training.max_steps=8", "--set", "training.save_steps=100", "--set",
+                                 f"output.dir={run}"], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=REPO, start_new_session=True)
+        deadline = time.time() + 600
+        while "step 1/8" not in log.read_text() and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGINT)
+        code = proc.wait(timeout=600)
+    text = log.read_text()
+    assert code == 130, text[-3000:]
+    info = RunDir(run).info()
+    assert text.count("resume with:") == 1 and info["resume"].endswith(f"--resume {run} --nproc 2")
+    step = info["global_step"]
+    assert info["status"] == "interrupted" and 1 <= step < 8
+    assert [p.name for p in RunDir(run).checkpoint_dirs()] == [f"checkpoint-{step}"]
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    assert [r["step"] for r in read_jsonl(RunDir(run).metrics)] == list(range(1, step + 1))
+
+
+@pytest.mark.slow
 def test_killed_rank_stops_the_job_then_resume_completes(tmp_path, base_model_dir):
     """`train --nproc 2`: rank 1 killed (SIGKILL) after step 2 -> the whole job stops, non-zero, with the resume
     command said once; `--resume --nproc 2` finishes the run with every step logged once."""
