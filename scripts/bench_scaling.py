@@ -94,8 +94,8 @@ def run(nproc: int, steps: int, batch: int, tmp: Path) -> list[dict]:
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    # The same cores in both runs: torchrun gives each of its processes 1 thread; one process gets them all.
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc)) if nproc == 1 else env.get("OMP_NUM_THREADS", "1")
+    # The same cores in both runs: each of 2 processes gets half of them, one process all.
+    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
     done = subprocess.run([*launcher, str(worker), str(out), *overrides], env=env, cwd=tmp, capture_output=True,
                           text=True)
     if done.returncode != 0:
