@@ -11,7 +11,7 @@ completions are not counted).
 On a 2-core machine this mostly shows the overhead of the distributed path (two processes share the same two
 cores: no speed-up is possible), not the scaling one would see with a GPU per process.
 
-    python scripts/bench_scaling.py [--steps 5] [--batch 16]
+    python scripts/bench_scaling.py [--steps 5] [--batch 16] [--completion 16]
 
 Last line: step_time_ratio_2p_over_1p=<x> allreduce_share=<y>
 """
@@ -84,12 +84,12 @@ sys.exit(train(recipe, None, Start.new(recipe, force=True), callbacks=(measure,)
 '''
 
 
-def run(nproc: int, steps: int, batch: int, tmp: Path) -> list[dict]:
+def run(nproc: int, steps: int, batch: int, completion: int, tmp: Path) -> list[dict]:
     out = tmp / f"measure-{nproc}.json"
     worker = tmp / "worker.py"
     worker.write_text(WORKER)
     overrides = [str(DEMO), f"training.max_steps={steps}", f"training.per_device_train_batch_size={batch // nproc}",
-                 "training.num_generations=4", "generation.max_completion_length=16", "training.save_steps=1000",
+                 "training.num_generations=4", f"generation.max_completion_length={completion}", "training.save_steps=1000",
                  f"output.dir={tmp / f'run-{nproc}'}", "logging.sample_every=0"]
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
@@ -107,14 +107,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16, help="completions per step, over all processes")
+    parser.add_argument("--completion", type=int, default=16, help="max tokens per completion")
     a = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        one = run(1, a.steps, a.batch, Path(d))
-        two = run(2, a.steps, a.batch, Path(d))
+        one = run(1, a.steps, a.batch, a.completion, Path(d))
+        two = run(2, a.steps, a.batch, a.completion, Path(d))
     t1 = statistics.median(r["step_time"] for r in one[1:])
     t2 = statistics.median(r["step_time"] for r in two[1:])
     share = statistics.median(r["allreduce"] / r["step_time"] for r in two[1:])
-    print(f"global batch {a.batch} completions, {a.steps} steps (first dropped), load average "
+    print(f"global batch {a.batch} completions of up to {a.completion} tokens, {a.steps} steps (first dropped), load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"1 process:   median step {t1:.2f} s")
     print(f"2 processes: median step {t2:.2f} s, of which DDP all-reduce "
