@@ -143,6 +143,10 @@ def problems(recipe, world_size: int, backend: str, machine: bool = True) -> lis
     if world_size <= 1:
         return out
     s = d.strategy
+    if recipe.training.dynamic_sampling != "off":
+        out.append(f"training.dynamic_sampling = '{recipe.training.dynamic_sampling}': one process only (each "
+                   f"process would drop or refill its own groups and the processes' collectives would fall out of "
+                   f"step; lowmem_r1/sampling.py); --set training.dynamic_sampling=off, or train on one process")
     if m.load_in_4bit and s in SHARDED and not m.bnb_4bit_quant_storage:
         out.append(f"model.bnb_4bit_quant_storage: distributed.strategy = '{s}' shards 4-bit weights only when "
                    f"they are stored in the compute dtype; --set model.bnb_4bit_quant_storage=bfloat16 (or the "

@@ -104,6 +104,13 @@ def test_zero3_and_fsdp2_with_4bit_need_quant_storage():
     assert launch.problems(recipe(model={"load_in_4bit": True}, distributed={"strategy": "zero3"}), 1, "hf") == []
 
 
+def test_dynamic_sampling_is_one_process_only():
+    r = recipe(training={"dynamic_sampling": "refill"})
+    (line,) = launch.problems(r, 2, "hf", machine=False)
+    assert line.startswith("training.dynamic_sampling = 'refill'") and "dynamic_sampling=off" in line
+    assert launch.problems(r, 1, "hf", machine=False) == []
+
+
 def test_unsloth_refusals_name_the_issue_and_the_way_out():
     r = recipe(model={"backend": "unsloth", "fast_inference": True})
     (line,) = launch.problems(r, 2, "unsloth", machine=False)
