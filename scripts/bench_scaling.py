@@ -11,7 +11,7 @@ completions are not counted).
 On a 2-core machine this mostly shows the overhead of the distributed path (two processes share the same two
 cores: no speed-up is possible), not the scaling one would see with a GPU per process.
 
-    python scripts/bench_scaling.py [--steps 5] [--batch 16] [--completion 16]
+    python scripts/bench_scaling.py [--steps 5] [--batch 16] [--completion 16] [--threads N]
 
 Last line: step_time_ratio_2p_over_1p=<x> allreduce_share=<y>
 """
@@ -84,7 +84,7 @@ sys.exit(train(recipe, None, Start.new(recipe, force=True), callbacks=(measure,)
 '''
 
 
-def run(nproc: int, steps: int, batch: int, completion: int, tmp: Path) -> list[dict]:
+def run(nproc: int, steps: int, batch: int, completion: int, tmp: Path, threads: int | None = None) -> list[dict]:
     out = tmp / f"measure-{nproc}.json"
     worker = tmp / "worker.py"
     worker.write_text(WORKER)
@@ -94,8 +94,9 @@ def run(nproc: int, steps: int, batch: int, completion: int, tmp: Path) -> list[
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
                 if nproc > 1 else [sys.executable])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
-    # The same cores in both runs: each of 2 processes gets half of them, one process all.
-    env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 2) // nproc))
+    # Default: the same cores in both runs (each of 2 processes half of them, one process all). On a shared,
+    # loaded machine several threads per process wait on each other; --threads 1 gives every process one.
+    env["OMP_NUM_THREADS"] = str(threads or max(1, (os.cpu_count() or 2) // nproc))
     done = subprocess.run([*launcher, str(worker), str(out), *overrides], env=env, cwd=tmp, capture_output=True,
                           text=True)
     if done.returncode != 0:
@@ -108,14 +109,16 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16, help="completions per step, over all processes")
     parser.add_argument("--completion", type=int, default=16, help="max tokens per completion")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process (default: cores / processes)")
     a = parser.parse_args()
     with tempfile.TemporaryDirectory() as d:
-        one = run(1, a.steps, a.batch, a.completion, Path(d))
-        two = run(2, a.steps, a.batch, a.completion, Path(d))
+        one = run(1, a.steps, a.batch, a.completion, Path(d), a.threads)
+        two = run(2, a.steps, a.batch, a.completion, Path(d), a.threads)
     t1 = statistics.median(r["step_time"] for r in one[1:])
     t2 = statistics.median(r["step_time"] for r in two[1:])
     share = statistics.median(r["allreduce"] / r["step_time"] for r in two[1:])
-    print(f"global batch {a.batch} completions of up to {a.completion} tokens, {a.steps} steps (first dropped), load average "
+    print(f"global batch {a.batch} completions of up to {a.completion} tokens, {a.steps} steps (first dropped), "
+          f"threads per process {a.threads or 'cores / processes'}, load average "
           f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     print(f"1 process:   median step {t1:.2f} s")
     print(f"2 processes: median step {t2:.2f} s, of which DDP all-reduce "
