@@ -284,8 +284,8 @@ def test_fault_rank_limits_a_fault_to_one_rank(monkeypatch, rank1):
 
 
 def test_checkpoint_needs_every_ranks_rng_state(tmp_path):
-    from safetensors.torch import save_file
     import torch
+    from safetensors.torch import save_file
 
     ckpt = tmp_path / "checkpoint-4"
     ckpt.mkdir()
