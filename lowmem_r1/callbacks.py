@@ -1,4 +1,7 @@
-"""Trainer callbacks that need no transformers import: metrics.jsonl and Ctrl-C handling."""
+"""Trainer callbacks that need no transformers import: metrics.jsonl and Ctrl-C handling.
+
+With several processes the Trainer calls every callback on every process: only the main one
+(state.is_world_process_zero) writes, and a Ctrl-C stops all of them at the same step."""
 
 from __future__ import annotations
 
@@ -6,6 +9,7 @@ import json
 import signal
 from pathlib import Path
 
+from . import launch
 from .faults import maybe_fault
 
 
@@ -30,7 +34,7 @@ class MetricsLog(Callback):
         self.path = Path(path)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not logs or "train_runtime" in logs:
+        if not logs or "train_runtime" in logs or not state.is_world_process_zero:
             return
         row = {"step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
         with open(self.path, "a", encoding="utf-8") as f:
@@ -73,6 +77,7 @@ class Interrupt(Callback):
 
     def on_step_end(self, args, state, control, **kwargs):
         maybe_fault("step_end", state.global_step)
+        self.requested = launch.any_process(self.requested, args.device)  # a collective: every process, every step
         if self.requested:
             control.should_save = True
             control.should_training_stop = True

@@ -12,7 +12,8 @@ from typing import List, Optional
 
 import typer
 
-from .backends import preflight
+from . import launch
+from .backends import choose, cuda_available, preflight
 from .chat import ChatOptions, chat as run_chat
 from .data import TASKS
 from .data.generators import write_countdown
@@ -36,9 +37,10 @@ from .progress import print_dry_run
 from .recipe import load_recipe
 from .report import report as run_report
 from .reward_debug import check_gold, parse_columns, read_completion, reward_table, score_completion
+from .rundir import RunDir
 from .sample import SampleSettings, print_result, sample as run_sample
 from .serve import SERVER_GPU_MEMORY_UTILIZATION, ServeSettings, parse_gpus, serve as run_serve
-from .train import Start, train as run_train
+from .train import Start, resume_command, train as run_train
 
 app = typer.Typer(
     name="lowmem-r1",
@@ -71,22 +73,42 @@ def train(
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate, print the resolved recipe and exit."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run from its last complete checkpoint."),
     force: bool = typer.Option(False, "--force", help="Start a new run over an existing run directory."),
+    nproc: Optional[int] = typer.Option(
+        None, "--nproc", min=1, help="Processes (GPUs) on this node: runs this command under torchrun (DDP) or "
+        "accelerate (distributed.strategy). Default: distributed.nproc."),
 ) -> None:
     """Train a recipe (GRPO, or stage = "sft"), or every stage of a [[stages]] pipeline; writes run directories."""
     if run_dir is not None and not resume:
         raise UserError(f"{run_dir}: a run directory is only taken with --resume (lowmem-r1 train RECIPE --resume RUN_DIR)")
     if is_pipeline_file(recipe):  # [[stages]]: a multi-stage recipe (lowmem_r1/pipeline.py)
+        if nproc:
+            raise UserError(f"{recipe}: --nproc: a multi-stage recipe runs in one process; train its stages one by "
+                            f"one with --nproc (runs/<name>/<stage>), or drop --nproc")
         p = load_pipeline(recipe, set_ or [])
         if dry_run:
             print_stages(p)
             return
         raise typer.Exit(run_pipeline(p, resume=resume, force=force))
-    r = load_recipe(recipe, set_ or [])
+    overrides = list(set_ or [])
+    if launch.under_launcher():  # torchrun / accelerate started this process: their world size is the one
+        overrides.append(f"distributed.nproc={launch.world().size}")
+    elif nproc:
+        overrides.append(f"distributed.nproc={nproc}")
+    r = load_recipe(recipe, overrides)
+    n = r.distributed.nproc
+    relaunch = n > 1 and not launch.under_launcher()
     if dry_run:
-        preflight(r)  # what select() would refuse here, before anything is printed as valid
+        name = preflight(r)  # what select() would refuse here, before anything is printed as valid
+        launch.check(r, n, name, machine=cuda_available(), source=str(recipe))
         print_dry_run(r, recipe)
+        for line in launch.describe(r, n, sys.argv[1:]) if relaunch else []:
+            print(line)
         return
     start = Start.resume(r, run_dir, force) if resume else Start.new(r, force)
+    if relaunch:  # this command again, as n processes (lowmem_r1/launch.py)
+        launch.check(r, n, choose(r.model.backend)[0], source=str(recipe))
+        hint = resume_command(recipe, RunDir(start.run_dir), n)
+        raise typer.Exit(launch.run(r, n, sys.argv[1:], start.run_dir, hint))
     code = run_train(r, recipe_path=recipe, start=start)
     raise typer.Exit(code)
 
@@ -385,7 +407,7 @@ def main() -> None:
     except UserError as e:
         if _DEBUG:
             raise
-        print(f"error: {printable(e)}", file=sys.stderr)
+        print(f"error{_rank()}: {printable(e)}", file=sys.stderr)
         sys.exit(e.exit_code)
     except typer.Exit as e:
         sys.exit(e.exit_code)
@@ -405,8 +427,14 @@ def main() -> None:
             sys.exit(2)
         if _DEBUG:
             raise
-        print(f"error: {type(e).__name__}: {printable(e)} (run with --debug for the traceback)", file=sys.stderr)
+        print(f"error{_rank()}: {type(e).__name__}: {printable(e)} (run with --debug for the traceback)", file=sys.stderr)
         sys.exit(1)
+
+
+def _rank() -> str:
+    """Which process said it, when there are several (torchrun, accelerate launch)."""
+    w = launch.world()
+    return f" (rank {w.rank})" if w.size > 1 else ""
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """A test hook for interruption tests: LOWMEM_R1_FAULT="point:step:SIGNAL[,...]" sends SIGNAL to this
 process when training reaches `point` (generation, optimizer, save, step_end) at `step`.
+With several processes, LOWMEM_R1_FAULT_RANK=R limits it to global rank R (a kill of one rank).
 
 It lets the tests kill a run at exact moments (mid-generation, mid-optimizer-step, mid-checkpoint-save)
 instead of guessing with timers. Unset, it costs one environment lookup.
@@ -14,6 +15,9 @@ import signal
 def maybe_fault(point: str, step: int) -> None:
     spec = os.environ.get("LOWMEM_R1_FAULT")
     if not spec:
+        return
+    rank = os.environ.get("LOWMEM_R1_FAULT_RANK")
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     for item in spec.split(","):
         try:

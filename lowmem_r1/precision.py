@@ -44,9 +44,11 @@ def trainer_flags(dtype) -> dict:
     return {"bf16": dtype == torch.bfloat16, "fp16": dtype == torch.float16}
 
 
-def nf4_config(compute_dtype):
+def nf4_config(compute_dtype, quant_storage: str | None = None):
     """QLoRA's NF4 with double quantization, for training and for chat/eval alike (an adapter is read
-    back against the same base weights it was trained on). bitsandbytes runs it on CPU too (0.45+)."""
+    back against the same base weights it was trained on). bitsandbytes runs it on CPU too (0.45+).
+    `quant_storage` (model.bnb_4bit_quant_storage): the dtype the packed weights are stored in; ZeRO-3 and
+    FSDP2 need it equal to the compute dtype to shard them (the quantized values are the same)."""
     if importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(
             'model.load_in_4bit: bitsandbytes is not installed; pip install "lowmem-r1[gpu]" or '
@@ -59,4 +61,5 @@ def nf4_config(compute_dtype):
         bnb_4bit_quant_type="nf4",
         bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=compute_dtype,
+        **({"bnb_4bit_quant_storage": quant_storage} if quant_storage else {}),
     )

@@ -17,8 +17,9 @@ from .rundir import RunDir, read_jsonl
 from .serve import server_url, uses_server
 
 
-def make_console() -> Console:
-    return Console(highlight=False)
+def make_console(quiet: bool = False) -> Console:
+    """quiet: a process other than the main one of several prints nothing."""
+    return Console(highlight=False, quiet=quiet)
 
 
 def print_dry_run(recipe: Recipe, path: Path | str, console: Console | None = None) -> None:
@@ -52,7 +53,7 @@ def print_dry_run(recipe: Recipe, path: Path | str, console: Console | None = No
     else:
         numbers.add_row("prompts per optimizer step", str(recipe.prompts_per_step()))
         numbers.add_row("generations per prompt", str(t.num_generations))
-        numbers.add_row("completions per step", str(per_step))
+        numbers.add_row("completions per step", str(per_step * recipe.distributed.nproc))
         numbers.add_row("steps", str(t.max_steps))
         numbers.add_row("prompts seen in total", str(recipe.prompts_per_step() * t.max_steps * t.num_iterations))
         numbers.add_row("max tokens per completion", str(recipe.generation.max_completion_length))
@@ -103,7 +104,7 @@ class TrainingDisplay(Callback):
         self.warnings: list[str] = []
 
     def __enter__(self):
-        if self.console.is_terminal:
+        if self.console.is_terminal and not self.console.quiet:
             self.live = Live(self._render(0), console=self.console, refresh_per_second=2, transient=False)
             self.live.__enter__()
         return self

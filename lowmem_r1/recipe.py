@@ -20,6 +20,7 @@ from . import rewards
 from .data import TASKS, check_prompt, get_task
 from .data.sources import check_local
 from .errors import UserError
+from .launch import batch_problem
 from .models import BUILTINS, builtin_cache_path, check_name
 from .sft import check_sft_data
 
@@ -36,6 +37,9 @@ class ModelSection(Section):
     backend: Literal["auto", "hf", "unsloth"] = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     load_in_4bit: bool = False
+    bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = None
+    """How bitsandbytes stores the 4-bit weights (default uint8). ZeRO-3 and FSDP2 shard 4-bit weights only
+    when stored in the compute dtype (e.g. bfloat16)."""
     fast_inference: bool = False
     """Unsloth: build a vLLM engine that shares weights with the trained model (GPU only)."""
     max_seq_length: int = Field(1024, gt=0)
@@ -232,14 +236,9 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _combinations(self) -> "Recipe":
         t, g = self.training, self.generation
-        per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
-        if self.stage == "grpo" and per_step % t.num_generations:
-            raise _Combination(
-                "training.per_device_train_batch_size",
-                f"per_device_train_batch_size x gradient_accumulation_steps = {per_step} completions "
-                f"cannot be split into groups of num_generations = {t.num_generations}; make it a multiple "
-                f"of {t.num_generations} (e.g. per_device_train_batch_size = {t.num_generations})",
-            )
+        uneven = batch_problem(t, self.distributed.nproc)  # the world size a launcher gives wins: launch.check
+        if self.stage == "grpo" and uneven:
+            raise _Combination("training.num_generations", uneven)
         if self.model.fast_inference and self.lora.r > self.model.max_lora_rank:
             raise _Combination(
                 "lora.r",
@@ -293,8 +292,9 @@ class Recipe(Section):
         )
 
     def prompts_per_step(self) -> int:
+        """Across all processes (distributed.nproc): TRL's generation batch is per-device x accumulation x world."""
         t = self.training
-        return t.per_device_train_batch_size * t.gradient_accumulation_steps // t.num_generations
+        return t.per_device_train_batch_size * t.gradient_accumulation_steps * self.distributed.nproc // t.num_generations
 
     def run_dir(self) -> Path:
         return Path(self.output.dir) if self.output.dir else Path("runs") / self.name

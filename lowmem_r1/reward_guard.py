@@ -12,6 +12,7 @@ import json
 import random
 from pathlib import Path
 
+from . import launch
 from .faults import maybe_fault
 from .recipe_rewards import BadRewardValues, RecipeRewards, Reward, RewardError, check_values  # noqa: F401
 from .rewards.extract import completion_text
@@ -73,6 +74,7 @@ class RewardRecorder:
         self.pending: dict[int, list] = {}
         self.errors: dict[str, int] = {}
         self.last_rows: list[dict] = []
+        self.main = launch.world().main  # with several processes each scores its own share; the main one's is kept
 
     def add(self, index: int, values, prompts, completions, state) -> None:
         self.pending[index] = values
@@ -93,7 +95,7 @@ class RewardRecorder:
         self.pending = {}
         self.last_rows = rows
         kept = [r for r in rows if self.fraction >= 1 or self.rng.random() < self.fraction]
-        if kept:
+        if kept and self.main:
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
                 f.flush()

@@ -22,7 +22,8 @@ from .errors import UserError
 from .faults import maybe_fault
 from .fsutil import check_safetensors, safetensors_problem
 
-# What a checkpoint must hold to resume from (Trainer._save_checkpoint writes them).
+# What a checkpoint must hold to resume from (Trainer._save_checkpoint writes them), besides every process's
+# RNG state: rng_state.pth from one process, rng_state_<rank>.pth from each of several.
 CHECKPOINT_FILES = ("trainer_state.json", "adapter_config.json", "adapter_model.safetensors", "optimizer.pt",
                     "scheduler.pt")
 
@@ -169,11 +170,28 @@ def disk_needed(trainable: int, training) -> tuple[int, int]:
 
 
 def checkpoint_problem(checkpoint: Path) -> str | None:
-    """Why a checkpoint cannot be resumed from (a file missing, a truncated adapter), or None."""
+    """Why a checkpoint cannot be resumed from (a file missing, a process's RNG state missing, a truncated
+    adapter), or None."""
     for name in CHECKPOINT_FILES:
         if not (checkpoint / name).is_file():
             return f"no {name}"
+    ranks = sorted(_rng_ranks(checkpoint))
+    if not ranks and not (checkpoint / "rng_state.pth").is_file():
+        return "no rng_state.pth"
+    if ranks and ranks != list(range(len(ranks))):
+        missing = sorted(set(range(max(ranks) + 1)) - set(ranks))
+        return f"no rng_state_{missing[0]}.pth (process {missing[0]}'s RNG state)"
     return safetensors_problem(checkpoint / "adapter_model.safetensors")
+
+
+def checkpoint_world_size(checkpoint: Path) -> int:
+    """How many processes wrote the checkpoint: one RNG state file each (transformers' Trainer)."""
+    return len(_rng_ranks(checkpoint)) or 1
+
+
+def _rng_ranks(checkpoint: Path) -> list[int]:
+    names = (p.name for p in Path(checkpoint).glob("rng_state_*.pth"))
+    return [int(n[len("rng_state_"):-4]) for n in names if n[len("rng_state_"):-4].isdigit()]
 
 
 def checkpoint_step(checkpoint: Path | None) -> int:
@@ -195,16 +213,39 @@ def staged_trainer(base):
 
     class Staged(base):
         def _save_checkpoint(self, model, trial):
+            # Several processes: each writes its part (its RNG state; its shards under ZeRO/FSDP) into the
+            # staging folder, and the main one renames it into place once all have written.
             root = Path(self.args.output_dir)
             staging = root / ".staging"
             name = f"checkpoint-{self.state.global_step}"
-            shutil.rmtree(staging, ignore_errors=True)
+            main = self.args.process_index == 0
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+            self.accelerator.wait_for_everyone()
             limit = self.args.save_total_limit
             self.args.output_dir, self.args.save_total_limit = str(staging), None
             try:
                 super()._save_checkpoint(model, trial)
             finally:
                 self.args.output_dir, self.args.save_total_limit = str(root), limit
+            self.accelerator.wait_for_everyone()
+            if main:
+                self._publish(root, staging, name, limit)
+            self.accelerator.wait_for_everyone()
+
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            """Several CPU processes: transformers loads the optimizer onto args.device, which accelerate makes
+            `cpu:0` there and torch.load cannot map to ("don't know how to restore data location"). Load
+            both onto the CPU, as transformers does for one process."""
+            if not (checkpoint and self.args.world_size > 1 and self.args.device.type == "cpu"):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            import torch
+
+            load = lambda name: torch.load(Path(checkpoint) / name, map_location="cpu", weights_only=True)  # noqa: E731
+            self.optimizer.load_state_dict(load("optimizer.pt"))
+            self.lr_scheduler.load_state_dict(load("scheduler.pt"))
+
+        def _publish(self, root: Path, staging: Path, name: str, limit) -> None:
             _fsync_tree(staging / name)
             maybe_fault("save", self.state.global_step)
             final = root / name

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from . import backends, progress, vllm_cpu
+from . import backends, launch, progress, vllm_cpu
 from .callbacks import Interrupt, MetricsLog
 from .compat import patch_trl_for_cpu
 from .data import load_splits
@@ -34,7 +34,7 @@ from .models import resolve_model
 from .plan import make_plan, warn_if_not_fit
 from .recipe import Recipe, load_recipe, recipe_to_toml
 from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
-from .rundir import RunDir, checkpoint_step, disk_needed, jsonl_rows, staged_trainer
+from .rundir import RunDir, checkpoint_step, checkpoint_world_size, disk_needed, jsonl_rows, staged_trainer
 from .sampling import DynamicSampling
 from .serve import uses_server, wait_for_server
 from .sft import build_trainer as build_sft_trainer
@@ -66,15 +66,18 @@ def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None =
           callbacks: tuple = ()) -> int:
     """Run the recipe's stage (GRPO, or SFT: lowmem_r1/sft.py). Returns the process exit code (0 done, 130
     interrupted). `callbacks`: extra trainer callbacks (benchmarks measure held-out accuracy while training)."""
-    console = console or progress.make_console()
+    world = launch.world()  # several processes (torchrun, accelerate launch): only the main one writes or draws
+    console = console or progress.make_console(quiet=not world.main)
     if uses_server(recipe):  # before anything else: no server is the first thing to say (serve.py)
         info = wait_for_server(recipe, say=lambda text: console.print(f"[yellow]vLLM server:[/] {text}"))
         console.print(f"vLLM server at {info.url}: {info.model} on {info.world_size} GPU(s)")
     # First: a refused GPU setting must not leave a run directory behind; and unsloth, when chosen, is
     # imported here (select calls backend.prepare()), before anything imports trl/transformers/peft.
     backend = backends.select(recipe)
+    launch.check(recipe, world.size, backend.name)
     start = start or Start.new(recipe)
-    run, checkpoint = prepare_run_dir(recipe, start)
+    launch.init_process_group()
+    run, checkpoint = prepare_run_dir_once(recipe, start, console)
     console.print(f"[bold]lowmem-r1[/] run [cyan]{run.path}[/] - backend [cyan]{backend.name}[/] ({backend.why})")
     for skipped, why in run.skipped_checkpoints() if start.mode == "resume" else []:
         console.print(f"[yellow]resume:[/] {skipped.name} is incomplete ({why}); resuming from "
@@ -82,7 +85,7 @@ def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None =
     _warn_if_not_fit(recipe, console)
     trainer, tokenizer, interrupt, display = build_trainer(recipe, backend, run, checkpoint, console, callbacks)
 
-    with RunStatus(run, recipe, backend.name, resume_command(recipe_path, run), console, trainer) as status:
+    with RunStatus(run, recipe, backend.name, resume_command(recipe_path, run, world.size), console, trainer) as status:
         with interrupt.installed(console), display:
             trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
         save_adapter(trainer, tokenizer, run)
@@ -194,8 +197,9 @@ class Terminated(BaseException):
     Exception` on the way - a reward guard, a library - mistakes it for an error of its own)."""
 
 
-def resume_command(recipe_path, run: RunDir) -> str:
-    return f"lowmem-r1 train {recipe_path or 'RECIPE'} --resume {run.path}"
+def resume_command(recipe_path, run: RunDir, nproc: int = 1) -> str:
+    more = f" --nproc {nproc}" if nproc > 1 else ""
+    return f"lowmem-r1 train {recipe_path or 'RECIPE'} --resume {run.path}{more}"
 
 
 class RunStatus:
@@ -206,6 +210,7 @@ class RunStatus:
     def __init__(self, run: RunDir, recipe: Recipe, backend: str, resume: str, console, trainer):
         self.run, self.recipe, self.backend, self.resume = run, recipe, backend, resume
         self.console, self.trainer = console, trainer
+        self.main = launch.world().main  # the others neither write run.json nor repeat its message
         self.code = 0
         self.started = time.time()
         self._previous_term = None
@@ -215,7 +220,8 @@ class RunStatus:
         return self.trainer.state.global_step
 
     def write(self, status: str, **extra) -> None:
-        _write_info(self.run, self.recipe, self.backend, status=status, step=self.step, **extra)
+        if self.main:
+            _write_info(self.run, self.recipe, self.backend, status=status, step=self.step, **extra)
 
     def __enter__(self) -> RunStatus:
         self.write("running", resume=self.resume)
@@ -235,9 +241,22 @@ class RunStatus:
         self.write("completed", seconds=round(time.time() - self.started, 1))
 
     def __exit__(self, kind, error, tb) -> bool:
-        signal.signal(signal.SIGTERM, self._previous_term or signal.SIG_DFL)
+        several = launch.world().size > 1
+        # After a failure with several processes, torchrun sends SIGTERM to the survivors: let this one finish
+        # saying what happened and how to resume (it exits right after; torchrun's SIGKILL follows in 30 s).
+        signal.signal(signal.SIGTERM, signal.SIG_IGN if several and error is not None
+                      else self._previous_term or signal.SIG_DFL)
         if error is None:
             return False
+        if not self.main:  # the main process reports the stop; this one ends with a code of its own
+            if isinstance(error, (KeyboardInterrupt, Terminated)):
+                raise SystemExit(130 if isinstance(error, KeyboardInterrupt) else 143) from None
+            return False
+        if several and _peer_gone(error):
+            self.write("failed", error="another training process stopped")
+            raise UserError(f"{self.run.path}: another training process stopped at step {self.step} (its error is "
+                            f"above); run.json marked failed; resume from the last complete checkpoint with: "
+                            f"{self.resume}", exit_code=143) from None
         if isinstance(error, KeyboardInterrupt):  # Ctrl-C twice: stop now, keep the last checkpoint
             last = self.run.checkpoint_dirs()
             self.interrupted(f"stopped now; last complete checkpoint: {last[-1] if last else 'none'}")
@@ -265,6 +284,41 @@ class RunStatus:
 
 # --------------------------------------------------------------------------------------------------
 # The run directory: new, forced over an old one, or resumed
+
+
+def prepare_run_dir_once(recipe: Recipe, start: Start, console) -> tuple[RunDir, Path | None]:
+    """The main process prepares the run directory (new, forced or resumed) while the others wait, then
+    every process resumes from the same checkpoint. A refusal is said once, by the main process."""
+    world = launch.world()
+    outcome, refused = None, None
+    if world.main:
+        try:
+            run, checkpoint = prepare_run_dir(recipe, start)
+            outcome = str(checkpoint or "")
+        except UserError as e:
+            refused = e
+    if world.size > 1:
+        outcome = launch.broadcast(outcome)  # every process waits here for the main one
+    if refused is not None:
+        raise refused
+    if outcome is None:
+        raise SystemExit(2)
+    checkpoint = Path(outcome) if outcome else None
+    if checkpoint and world.main and checkpoint_world_size(checkpoint) != world.size:
+        console.print(f"[yellow]resume:[/] {world_size_change(recipe, checkpoint, world.size)}")
+    return RunDir(start.run_dir), checkpoint
+
+
+def world_size_change(recipe: Recipe, checkpoint: Path, now: int) -> str:
+    """What resuming with another number of processes does (transformers restores each process's RNG
+    state only when its rank's file is there; the per-device batch stays, so the global batch changes)."""
+    t = recipe.training
+    per = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    was = checkpoint_world_size(checkpoint)
+    return (f"{checkpoint.name} was written by {was} process(es), this run has {now}: training continues from step "
+            f"{checkpoint_step(checkpoint)} with {per * now} completions per step instead of {per * was} and fresh "
+            f"random streams where no saved one fits, so it will not match an uninterrupted run (--nproc {was} "
+            f"resumes it exactly)")
 
 
 def prepare_run_dir(recipe: Recipe, start: Start) -> tuple[RunDir, Path | None]:
@@ -321,7 +375,7 @@ def recipe_diff(saved: Recipe, new: Recipe) -> list[str]:
     a, b = _flatten(saved.model_dump(mode="json")), _flatten(new.model_dump(mode="json"))
     out = []
     for key in sorted(set(a) | set(b)):
-        if key.split(".")[0] in RESUME_SAFE_KEYS or key == "name":
+        if key.split(".")[0] in RESUME_SAFE_KEYS or key in ("name", "distributed.nproc"):
             continue
         if a.get(key) != b.get(key):
             out.append(f"{key}: {a.get(key)!r} -> {b.get(key)!r}")
@@ -372,6 +426,7 @@ def _write_info(run: RunDir, recipe: Recipe, backend: str, status: str, step: in
         stage=recipe.stage,
         global_step=step,
         max_steps=recipe.training.max_steps,
+        world_size=launch.world().size,
     )
     info.update(extra)
     atomic_write_json(run.info_file, info)
@@ -499,12 +554,37 @@ def _quiet_default_printers(trainer) -> None:
     trainer.remove_callback(ProgressCallback)
 
 
-def save_checkpoint_now(trainer) -> Path:
+def save_checkpoint_now(trainer) -> Path | None:
+    """A checkpoint now, on a failure of this process: with several processes the others are not saving with
+    it (a checkpoint is a collective), so the last complete one stays."""
+    if launch.world().size > 1:
+        return None
     trainer._save_checkpoint(trainer.model, None)
     return Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
 
 
 def save_adapter(trainer, tokenizer, run: RunDir) -> None:
+    """The final adapter, written by the main process. Several processes: every one takes part in the
+    Trainer's save_model (ZeRO-3 / FSDP gather the sharded weights there), which writes on the main one."""
+    world = launch.world()
+    if world.size == 1:
+        with atomic_dir(run.adapter, force=True, kind="adapter") as tmp:
+            trainer.model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        return
+    if not world.main:
+        trainer.save_model(launch.broadcast(None))
+        launch.barrier()
+        return
     with atomic_dir(run.adapter, force=True, kind="adapter") as tmp:
-        trainer.model.save_pretrained(tmp)
+        trainer.save_model(str(launch.broadcast(str(tmp))))
         tokenizer.save_pretrained(tmp)
+        launch.barrier()
+
+
+def _peer_gone(error: BaseException) -> bool:
+    """A collective failed because another process of the job died (gloo/NCCL lost the connection)."""
+    import torch.distributed as dist
+
+    lost = ("Connection closed by peer", "Connection reset by peer", "gloo/transport")
+    return isinstance(error, getattr(dist, "DistError", ())) or any(s in str(error) for s in lost)

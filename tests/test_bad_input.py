@@ -153,7 +153,7 @@ def test_truncate_logs_and_incomplete_checkpoints(tmp_path):
     def checkpoint(step, skip=(), cut=False):
         d = run.checkpoints / f"checkpoint-{step}"
         d.mkdir(parents=True)
-        for name in ("trainer_state.json", "adapter_config.json", "optimizer.pt", "scheduler.pt"):
+        for name in ("trainer_state.json", "adapter_config.json", "optimizer.pt", "scheduler.pt", "rng_state.pth"):
             if name not in skip:
                 (d / name).write_text("{}")
         if "adapter_model.safetensors" not in skip:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..launch import SHARDED, world
 from ..models import load_tokenizer, resolve_model
 from ..precision import nf4_config, torch_dtype, trainer_flags
 from . import lora_kwargs, vllm_server_kwargs
@@ -25,7 +26,9 @@ class HFBackend:
         dtype = torch_dtype(m.dtype, cuda)
         kwargs = dict(dtype=dtype, revision=m.revision, trust_remote_code=m.trust_remote_code)
         if m.load_in_4bit:
-            kwargs["quantization_config"] = nf4_config(dtype)
+            kwargs["quantization_config"] = nf4_config(dtype, m.bnb_4bit_quant_storage)
+            if cuda and world().size > 1 and recipe.distributed.strategy not in SHARDED:
+                kwargs["device_map"] = {"": world().local_rank}  # each process's 4-bit copy on its own GPU
         tok = load_tokenizer(path, m.revision, m.trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         if m.load_in_4bit:
