@@ -367,7 +367,9 @@ def _load_vllm(ref: ModelRef, tokenizer) -> Generator:
 
     kwargs: dict = {"model": ref.base, "tokenizer": ref.base, "gpu_memory_utilization": 0.8}
     if cpu:
-        kwargs.update(enforce_eager=vllm_cpu.enforce_eager(), seed=0)
+        # The dtype transformers loads on a CPU (fp32), not vLLM's "auto" (the checkpoint's bf16): --engine
+        # vllm then gives transformers' answers at temperature 0, only faster. A GPU keeps "auto" (bf16 on both).
+        kwargs.update(enforce_eager=vllm_cpu.enforce_eager(), seed=0, dtype=torch_dtype("auto", cuda=False))
     lora = None
     if ref.adapter is not None:
         from vllm.lora.request import LoRARequest

@@ -85,14 +85,17 @@ def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None =
     _warn_if_not_fit(recipe, console)
     trainer, tokenizer, interrupt, display = build_trainer(recipe, backend, run, checkpoint, console, callbacks)
 
-    with RunStatus(run, recipe, backend.name, resume_command(recipe_path, run, world.size), console, trainer) as status:
-        with interrupt.installed(console), display:
-            trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-        save_adapter(trainer, tokenizer, run)
-        if interrupt.requested:
-            status.interrupted("checkpoint and adapter saved")
-        else:
-            status.completed()
+    try:
+        with RunStatus(run, recipe, backend.name, resume_command(recipe_path, run, world.size), console, trainer) as status:
+            with interrupt.installed(console), display:
+                trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+            save_adapter(trainer, tokenizer, run)
+            if interrupt.requested:
+                status.interrupted("checkpoint and adapter saved")
+            else:
+                status.completed()
+    finally:
+        vllm_cpu.release(trainer)  # a colocated CPU engine: memory and port back before the next stage
     if status.code == 0:
         progress.print_summary(run, console)
     return status.code

@@ -8,8 +8,10 @@ runner's layer-wise `reload_weights(weights_iterator=...)` fed with the peft-mer
 
     usable()            why vLLM cannot run on this CPU machine (None when it can): doctor, train, eval
     configure()         the environment vLLM's CPU build reads (device, KV cache size, thread binding)
-    engine_options()    TRL builds LLM(...) itself: add enforce_eager / KV cache while it does
+    engine_options()    TRL builds LLM(...) itself: add enforce_eager while it does; keep torch's threads
+                        and the process environment as they were
     attach(trainer)     the layer-wise weight sync, only where the engine's layers need it
+    release(trainer)    shut the engine down after training (memory, process group, port)
 
 The GPU path is untouched: attach() looks at the engine's layers, not at a flag, and configure() /
 engine_options() are only called when torch has no CUDA device.
@@ -84,12 +86,20 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+DIST_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+"""What TRL (torchrun's variables for vLLM's external launcher) and vLLM (LOCAL_WORLD_SIZE) write into the
+process environment while the colocated engine starts. Left there, they leak into every later child
+process: with LOCAL_RANK set, accelerate's PartialState(cpu=True) takes a child for a torchrun worker and
+opens a process group on the inherited MASTER_PORT, which this process still holds (EADDRINUSE); and a
+second trainer in this process (a pipeline's next stage) would start "distributed" on a world of one."""
+
+
 @contextlib.contextmanager
 def engine_options(config):
     """While TRL builds its colocated engine (GRPOConfig `config` with use_vllm on a CPU), add the CPU
-    engine's keyword arguments to its LLM(...) call (TRL has no setting for enforce_eager), and keep
-    torch's thread count: vLLM's CPU worker replaces torch.set_num_threads with a no-op in the process
-    it runs in - here the trainer's. Does nothing otherwise."""
+    engine's keyword arguments to its LLM(...) call (TRL has no setting for enforce_eager), keep torch's
+    thread count (vLLM's CPU worker replaces torch.set_num_threads with a no-op in the process it runs
+    in - here the trainer's) and put back the environment variables of DIST_ENV. Does nothing otherwise."""
     if not (config.use_vllm and config.vllm_mode == "colocate") or _cuda():
         yield
         return
@@ -97,6 +107,7 @@ def engine_options(config):
     from trl.generation import vllm_generation
 
     original, set_threads, threads = vllm_generation.LLM, torch.set_num_threads, torch.get_num_threads()
+    saved = {k: os.environ.get(k) for k in DIST_ENV}
 
     def llm(*args, **kwargs):
         kwargs.setdefault("enforce_eager", enforce_eager())
@@ -114,6 +125,30 @@ def engine_options(config):
         vllm_generation.LLM = original
         torch.set_num_threads = set_threads
         torch.set_num_threads(threads)
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def release(trainer) -> bool:
+    """Shut a single-process CPU trainer's colocated engine down after training: its KV cache and weights
+    are freed and its one-rank process group (and port) closed, so that the next engine in this process
+    (a pipeline's next stage) starts afresh. True when it did. GPU engines and multi-process runs (whose
+    process group is accelerate's) are left as they are."""
+    generation = getattr(trainer, "vllm_generation", None)
+    llm = getattr(generation, "llm", None)
+    if llm is None or getattr(generation, "mode", None) != "colocate" or _cuda():
+        return False
+    if getattr(getattr(trainer, "accelerator", None), "num_processes", 1) != 1:
+        return False
+    llm.llm_engine.engine_core.shutdown()  # vLLM's own teardown: executor, scheduler, process groups
+    generation.llm = None
+    import gc
+
+    gc.collect()
+    return True
 
 
 def _free_port() -> int:

