@@ -110,6 +110,29 @@ def test_bad_stage_references_fail_in_one_line(tmp_path, stages, message):
         load_pipeline(write(tmp_path, stages))
 
 
+@pytest.mark.parametrize("kind, rows, message", [
+    ("grpo", [{"text": "hi"}], "no row that task 'arithmetic' (it reads ['question', 'answer']) can use"),
+    ("sft", [{"text": "hi"}], "an SFT stage needs a `messages` column"),
+    ("sft", [{"messages": [{"role": "user", "content": "hi"}]}], "a conversation with no assistant turn"),
+])
+def test_stage_data_its_trainer_cannot_use_fails_at_dry_run(tmp_path, kind, rows, message):
+    """A stage's own data.source (the base's generator parameters do not follow it) is checked like a recipe's."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stages = STAGES + f'[[stages]]\nname = "c"\nstage = "{kind}"\ndata = {{ source = {json.dumps(str(data))} }}\n'
+    done = cli(write(tmp_path, stages), "--dry-run")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "stages[2] (c)" in done.stderr and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
+
+
+def test_a_stage_on_its_own_file_drops_the_base_generator(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "What is 1 + 2?", "answer": "3"}) + "\n")
+    p = load_pipeline(write(tmp_path, STAGES + f'[[stages]]\nname = "c"\ndata = {{ source = {json.dumps(str(data))} }}\n'))
+    assert p.stages[0].recipe.data.generator and not p.stages[2].recipe.data.generator
+
+
 @pytest.mark.slow
 def test_two_stage_pipeline_killed_in_stage_two_resumes_there(tmp_path, base_model_dir):
     path = write(tmp_path)
