@@ -271,7 +271,11 @@ def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console
         started, cpu = time.time(), time.process_time()  # CPU time too: wall time on a shared machine says little
         if s.kind == "sample":
             console.print(f"{head}: sampling from {_sample_model(p, s)}")
-            result = sample(_sample_model(p, s), s.recipe, s.dir, SampleSettings(**s.sample), console=console)
+            try:
+                result = sample(_sample_model(p, s), s.recipe, s.dir, SampleSettings(**s.sample), console=console)
+            except UserError as e:  # the fix is in this stage's `sample = {...}`, not on a command line
+                raise UserError(f"{p.path}: stage {s.name}: {e} (this stage's keys: sample.min_reward, sample.k, "
+                                f"sample.temperature)") from None
             print_result(result, SampleSettings(**s.sample).k, console)
             state["stages"][s.name] = {"seconds": round(time.time() - started, 1), "kept": result.kept,
                                        "generated": result.generated, "mean_pass_rate":

@@ -133,6 +133,16 @@ def test_a_stage_on_its_own_file_drops_the_base_generator(tmp_path):
     assert p.stages[0].recipe.data.generator and not p.stages[2].recipe.data.generator
 
 
+def test_a_sample_stage_that_keeps_nothing_says_so_and_writes_nothing(tmp_path, base_model_dir):
+    stages = '[[stages]]\nname = "s"\nstage = "sample"\nsample = { k = 1, limit = 2, min_reward = 99, max_new_tokens = 4 }\n'
+    done = cli(write(tmp_path, stages))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "stage s:" in done.stderr and "kept nothing" in done.stderr and "sample.min_reward" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    out = tmp_path / "p" / "s"
+    assert not (out / "samples.jsonl").exists() and not (out / "sample.json").exists()
+
+
 @pytest.mark.slow
 def test_two_stage_pipeline_killed_in_stage_two_resumes_there(tmp_path, base_model_dir):
     path = write(tmp_path)
