@@ -53,5 +53,5 @@ def _adapts(adapt, row: dict) -> bool:
         return False
 
 
-__all__ = ["check_task_rows", "TASKS", "Task", "get_task", "check_prompt", "SYSTEM_PRESETS", "answer_format", "gold_completion", "Splits",
-           "load_splits"]
+__all__ = ["TASKS", "Task", "get_task", "check_prompt", "check_task_rows", "SYSTEM_PRESETS", "answer_format",
+           "gold_completion", "Splits", "load_splits"]
