@@ -63,14 +63,18 @@ def peek_rows(source: str, where: str, limit: int | None = None) -> list[dict] |
     path = Path(source).expanduser()
     if source.startswith("builtin:") or not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
         return None
+    line = 0
     try:
         if path.suffix.lower() == ".jsonl":
+            rows = []
             with open(path, encoding="utf-8") as f:
-                rows = [json.loads(x) for x in islice((x for x in f if x.strip()), limit)]
+                for line, text in islice(((n, x) for n, x in enumerate(f, 1) if x.strip()), limit):
+                    rows.append(json.loads(text))
         else:
             rows = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{where}: data.source {path}: not valid JSON ({e})") from None
+        at = f" line {line}" if line else ""
+        raise UserError(f"{where}: data.source {path}{at}: not valid JSON ({e}); fix or remove that line") from None
     if isinstance(rows, dict):
         rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
     if not rows or not isinstance(rows[0], dict):
