@@ -74,7 +74,7 @@ def peek_rows(source: str, where: str, limit: int | None = None) -> list[dict] |
             rows = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         at = f" line {line}" if line else ""
-        raise UserError(f"{where}: data.source {path}{at}: not valid JSON ({e}); fix or remove that line") from None
+        raise UserError(f"{where}: data.source {path}{at}: not valid JSON ({e}); fix or replace the file") from None
     if isinstance(rows, dict):
         rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
     if not rows or not isinstance(rows[0], dict):
