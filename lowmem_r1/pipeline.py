@@ -159,6 +159,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         stage_raw["stage"] = "sft" if kind == "sft" else "grpo"
         stage_raw.setdefault("output", {})["dir"] = str(out / sname)
         data = stage_raw.setdefault("data", {})
+        own = st.get("data", {}) if isinstance(st.get("data"), dict) else {}
+        if "source" in own and "generator" not in own:  # the base's generator parameters belong to the base's source
+            data.pop("generator", None)
         source, later = str(data.get("source", "")), None
         if source.startswith("stage:"):
             ref = source.split(":", 1)[1]
@@ -265,13 +268,14 @@ def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console
                                     f"pass --force to run the pipeline over")
             console.print(f"{head}: done, skipped")
             continue
-        started = time.time()
+        started, cpu = time.time(), time.process_time()  # CPU time too: wall time on a shared machine says little
         if s.kind == "sample":
             console.print(f"{head}: sampling from {_sample_model(p, s)}")
-            if s.model and s.model != s.recipe.model.name:
-                console.print(f"  teacher {s.model} and student {s.recipe.model.name} may tokenize differently: fine "
-                              f"for SFT, the samples are text that the student tokenizes itself")
-            result = sample(_sample_model(p, s), s.recipe, s.dir, SampleSettings(**s.sample))
+            try:
+                result = sample(_sample_model(p, s), s.recipe, s.dir, SampleSettings(**s.sample), console=console)
+            except UserError as e:  # the fix is in this stage's `sample = {...}`, not on a command line
+                raise UserError(f"{p.path}: stage {s.name}: {e} (this stage's keys: sample.min_reward, sample.k, "
+                                f"sample.temperature)") from None
             print_result(result, SampleSettings(**s.sample).k, console)
             state["stages"][s.name] = {"seconds": round(time.time() - started, 1), "kept": result.kept,
                                        "generated": result.generated, "mean_pass_rate":
@@ -289,6 +293,7 @@ def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console
                 console.print(f"pipeline stopped in stage {s.name}; continue with: lowmem-r1 train {p.path} --resume")
                 return code
             state["stages"][s.name] = {"seconds": RunDir(s.dir).info().get("seconds")}
+        state["stages"][s.name]["cpu_seconds"] = round(time.process_time() - cpu, 1)
         atomic_write_json(marker, state)
     if p.eval:
         evaluate_pipeline(p.dir, _eval_settings(), console=console, pipeline=p)
@@ -338,6 +343,7 @@ def evaluate_pipeline(path: Path, settings, console=None, pipeline: Pipeline | N
     for s in p.stages:
         if s.kind != "sample" and s.done():
             targets.append((s.name, resolve_ref(s.dir), s.dir / "eval"))
+    started, cpu = time.time(), time.process_time()
     for label, ref, root in targets:
         console.print(f"eval: {label} ...")
         t = EvalTarget(reference, ref, root)
@@ -345,6 +351,7 @@ def evaluate_pipeline(path: Path, settings, console=None, pipeline: Pipeline | N
         one.baseline = False
         results = evaluate_target(t, one, quiet, label)
         evals[label] = results["metrics"]
+    state["eval_time"] = {"seconds": round(time.time() - started, 1), "cpu_seconds": round(time.process_time() - cpu, 1)}
     atomic_write_json(path / MARKER, state)
     print_table(path, console)
     return state

@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import rewards
-from .data import TASKS, check_prompt, get_task
+from .data import TASKS, check_prompt, check_task_rows, get_task
+from .data.sources import peek_rows
 from .data.sources import check_local
 from .errors import UserError
 from .launch import batch_problem
@@ -385,6 +386,10 @@ def recipe_from_dict(
     check_prompt(recipe, source)
     if recipe.stage == "sft":
         check_sft_data(recipe, source)
+    else:
+        rows = peek_rows(recipe.data.source, source, limit=100)  # a local file GRPO's task cannot read fails here
+        if rows is not None:
+            check_task_rows(recipe, rows, source)
     return recipe
 
 

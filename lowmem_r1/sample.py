@@ -102,6 +102,9 @@ def sample(model: str, recipe, out: Path, s: SampleSettings, console=None) -> Sa
     _prepare_out(out, key, s.force)
     started = time.time()
     tokenizer = load_tokenizer(ref)
+    note = tokenizer_note(ref, tokenizer, recipe.model.name)
+    if note:
+        console.print(note)
     rows = _rows(recipe, tokenizer, s)
     log = out / "generations.jsonl"
     done = {r["index"] for r in read_jsonl(log) if r.get("sample") == s.k - 1}
@@ -129,6 +132,22 @@ def sample(model: str, recipe, out: Path, s: SampleSettings, console=None) -> Sa
                 progress.advance(bar, len(idx))
         gen.close()
     return finish(out, recipe, rows, s, key, started, console)
+
+
+def tokenizer_note(ref, tokenizer, student: str) -> str | None:
+    """One line when the sampled model (a teacher) and the recipe's model (the student) tokenize differently.
+    Fine for SFT: the samples are text, which the student tokenizes itself; said once, not an error."""
+    try:
+        student_ref = resolve_ref(student)
+        if student_ref.base == ref.base:
+            return None
+        theirs = load_tokenizer(student_ref).get_vocab()
+    except UserError:  # a student that cannot load here (a hub id offline): nothing to compare
+        return None
+    if theirs == tokenizer.get_vocab():
+        return None
+    return (f"note: teacher {ref.label} and student {student} have different tokenizers ({len(tokenizer.get_vocab())} "
+            f"vs {len(theirs)} tokens): fine for SFT, the samples are text that the student tokenizes itself")
 
 
 def finish(out: Path, recipe, rows: list[dict], s: SampleSettings, key: dict, started: float, console) -> SampleResult:

@@ -15,12 +15,9 @@ Where rows come from (the recipe's [data], loaded like GRPO's):
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 from .data import get_task
 from .data.formats import after_prefix, gold_completion
-from .data.sources import load_source
+from .data.sources import load_source, peek_rows
 from .data.splits import to_prompts
 from .errors import UserError
 from .rundir import staged_trainer
@@ -134,22 +131,9 @@ def check_sft_data(recipe, source: str = "<recipe>") -> None:
     datasets and other formats are checked when loaded."""
     if recipe.stage != "sft":
         return
-    src = recipe.data.source
-    if src.startswith("builtin:"):
+    rows = peek_rows(recipe.data.source, source)
+    if rows is None:
         return
-    path = Path(src).expanduser()
-    if not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
-        return
-    try:
-        text = path.read_text(encoding="utf-8")
-        rows = ([json.loads(x) for x in text.splitlines() if x.strip()] if path.suffix.lower() == ".jsonl"
-                else json.loads(text))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{source}: data.source {path}: not valid JSON ({e})") from None
-    if isinstance(rows, dict):
-        rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
-    if not rows or not isinstance(rows[0], dict):
-        raise UserError(f"{source}: data.source {path}: no rows (expected one JSON object per line)")
     kind = data_kind(rows[0])
     if kind == "task" and recipe.data.task == "generic":
         raise UserError(f"{source}: {_no_columns(recipe, rows[0])}")
@@ -161,7 +145,7 @@ def check_sft_data(recipe, source: str = "<recipe>") -> None:
                             f"{missing}")
     if kind in ("messages", "conversations"):
         for i, row in enumerate(rows):
-            split_messages(row.get(kind), f"{source}: data.source {path} row {i}")
+            split_messages(row.get(kind), f"{source}: data.source {recipe.data.source} row {i}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -228,4 +228,6 @@ def test_no_third_party_noise_in_a_pipe(tmp_path):
     out = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "rewards", "check", str(recipe)], check=False,
                          capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert out.returncode == 2 and out.stdout == ""
-    assert out.stderr.startswith("error: data file bad.jsonl") and len(out.stderr.splitlines()) == 1, out.stderr
+    # caught when the recipe is read (before any loading), naming the file's bad line
+    assert out.stderr.startswith("error: ") and "bad.jsonl line 2: not valid JSON" in out.stderr, out.stderr
+    assert len(out.stderr.splitlines()) == 1, out.stderr

@@ -85,7 +85,7 @@ CASES = [
     (1, "eval runs/r1 --out runs/r1 --force", "input"),
     (1, "eval runs/r1 --out mine --force", "did not write"),
     (1, "train plain.toml --force --set output.dir=mine", "not a lowmem-r1 run"),
-    (1, "train plain.toml --force --set output.dir=. --set data.source=data.jsonl --set data.task=gsm8k", "input"),
+    (1, "train plain.toml --force --set output.dir=. --set data.source=data.jsonl --set data.task=arithmetic", "input"),
     # 2. one line, not a raw exception
     (2, "train demo.toml --dry-run --set model.name=cut-model", "truncated"),
     (2, "train demo.toml --dry-run --set model.name=bad-config", "config.json"),

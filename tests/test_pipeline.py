@@ -110,6 +110,39 @@ def test_bad_stage_references_fail_in_one_line(tmp_path, stages, message):
         load_pipeline(write(tmp_path, stages))
 
 
+@pytest.mark.parametrize("kind, rows, message", [
+    ("grpo", [{"text": "hi"}], "no row that task 'arithmetic' (it reads ['question', 'answer']) can use"),
+    ("sft", [{"text": "hi"}], "an SFT stage needs a `messages` column"),
+    ("sft", [{"messages": [{"role": "user", "content": "hi"}]}], "a conversation with no assistant turn"),
+])
+def test_stage_data_its_trainer_cannot_use_fails_at_dry_run(tmp_path, kind, rows, message):
+    """A stage's own data.source (the base's generator parameters do not follow it) is checked like a recipe's."""
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    stages = STAGES + f'[[stages]]\nname = "c"\nstage = "{kind}"\ndata = {{ source = {json.dumps(str(data))} }}\n'
+    done = cli(write(tmp_path, stages), "--dry-run")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "stages[2] (c)" in done.stderr and message in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and not (tmp_path / "p").exists()
+
+
+def test_a_stage_on_its_own_file_drops_the_base_generator(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"question": "What is 1 + 2?", "answer": "3"}) + "\n")
+    p = load_pipeline(write(tmp_path, STAGES + f'[[stages]]\nname = "c"\ndata = {{ source = {json.dumps(str(data))} }}\n'))
+    assert p.stages[0].recipe.data.generator and not p.stages[2].recipe.data.generator
+
+
+def test_a_sample_stage_that_keeps_nothing_says_so_and_writes_nothing(tmp_path, base_model_dir):
+    stages = '[[stages]]\nname = "s"\nstage = "sample"\nsample = { k = 1, limit = 2, min_reward = 99, max_new_tokens = 4 }\n'
+    done = cli(write(tmp_path, stages))
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "stage s:" in done.stderr and "kept nothing" in done.stderr and "sample.min_reward" in done.stderr
+    assert "Traceback" not in done.stderr and len(done.stderr.strip().splitlines()) == 1
+    out = tmp_path / "p" / "s"
+    assert not (out / "samples.jsonl").exists() and not (out / "sample.json").exists()
+
+
 @pytest.mark.slow
 def test_two_stage_pipeline_killed_in_stage_two_resumes_there(tmp_path, base_model_dir):
     path = write(tmp_path)

@@ -2,6 +2,7 @@
 scored again, pass rates, resume, and a filter that keeps nothing."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -127,3 +128,31 @@ def test_a_model_that_cannot_resolve_leaves_no_output_folder(tmp_path):
     with pytest.raises(UserError, match="nonexistent"):
         sample(str(tmp_path / "nonexistent"), recipe_from_dict(recipe_dict()), out, SampleSettings(k=2))
     assert not out.exists()
+
+
+def test_teacher_with_another_tokenizer_is_said_once(tmp_path, base_model_dir):
+    """A teacher whose tokenizer differs from the recipe's model (the student): fine for text SFT, one note."""
+    from transformers import AutoTokenizer
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    for name in ("config.json", "generation_config.json", "model.safetensors"):
+        (teacher / name).symlink_to(base_model_dir / name)
+    tok = AutoTokenizer.from_pretrained(str(base_model_dir))
+    tok.add_tokens(["<teacher-only>"])
+    tok.save_pretrained(str(teacher))
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(recipe_to_toml(recipe_from_dict(recipe_dict())))
+    done = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "sample", str(teacher), "-r", str(recipe), "-o",
+                           str(tmp_path / "out"), "-k", "1", "--limit", "2", "--min-reward", "-99",
+                           "--max-new-tokens", "4"], capture_output=True, text=True, cwd=tmp_path, timeout=600,
+                          env={**os.environ, "COLUMNS": "300"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    said = (done.stdout + done.stderr).count("have different tokenizers")
+    assert said == 1, done.stdout + done.stderr
+    assert len(read_jsonl(tmp_path / "out" / "samples.jsonl")) == 2
+
+    same = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "sample", str(base_model_dir), "-r", str(recipe),
+                           "-o", str(tmp_path / "out2"), "-k", "1", "--limit", "1", "--min-reward", "-99",
+                           "--max-new-tokens", "4"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert same.returncode == 0 and "different tokenizers" not in same.stdout + same.stderr

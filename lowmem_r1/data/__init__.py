@@ -31,5 +31,27 @@ def check_prompt(recipe, source: str = "<recipe>") -> None:
         raise UserError(f"{source}: {e}") from None
 
 
-__all__ = ["TASKS", "Task", "get_task", "check_prompt", "SYSTEM_PRESETS", "answer_format", "gold_completion", "Splits",
-           "load_splits"]
+def check_task_rows(recipe, rows: list[dict], where: str) -> None:
+    """Rows the recipe's task can use, judged by the task's own adapter (what loading does), on the first
+    rows of a local file: a source whose columns the task cannot read fails at --dry-run, in one line."""
+    task = get_task(recipe.data)
+    adapt = task.adapter(recipe.data)
+    try:
+        usable = any(_adapts(adapt, row) for row in rows[:100])
+    except UserError as e:
+        raise UserError(f"{where}: {e}") from None
+    if not usable:
+        need = f" (it reads {list(task.raw_columns)})" if task.raw_columns else ""
+        raise UserError(f"{where}: data.source {recipe.data.source}: no row that task '{task.name}'{need} can use; the "
+                        f"rows have columns {sorted(rows[0])}: set data.task (or map data.columns) to match the data")
+
+
+def _adapts(adapt, row: dict) -> bool:
+    try:
+        return adapt(row) is not None
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
+__all__ = ["TASKS", "Task", "get_task", "check_prompt", "check_task_rows", "SYSTEM_PRESETS", "answer_format",
+           "gold_completion", "Splits", "load_splits"]

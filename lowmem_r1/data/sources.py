@@ -53,6 +53,35 @@ def check_local(data) -> None:
                             f"({', '.join(FILE_BUILDERS)}), a hub id like openai/gsm8k, or builtin:countdown")
 
 
+def peek_rows(source: str, where: str, limit: int | None = None) -> list[dict] | None:
+    """The rows (the first `limit` of a JSON Lines file) of a local JSON Lines / JSON file, read without
+    `datasets` (what --dry-run can check instantly); None for every other source (builtin, hub, parquet,
+    csv: checked when loaded)."""
+    import json
+    from itertools import islice
+
+    path = Path(source).expanduser()
+    if source.startswith("builtin:") or not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
+        return None
+    line = 0
+    try:
+        if path.suffix.lower() == ".jsonl":
+            rows = []
+            with open(path, encoding="utf-8") as f:
+                for line, text in islice(((n, x) for n, x in enumerate(f, 1) if x.strip()), limit):
+                    rows.append(json.loads(text))
+        else:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        at = f" line {line}" if line else ""
+        raise UserError(f"{where}: data.source {path}{at}: not valid JSON ({e}); fix or replace the file") from None
+    if isinstance(rows, dict):
+        rows = next((v for v in rows.values() if isinstance(v, list)), [rows])
+    if not rows or not isinstance(rows[0], dict):
+        raise UserError(f"{where}: data.source {path}: no rows (expected one JSON object per line)")
+    return rows
+
+
 def load_file(path: str | Path):
     """One local file (jsonl, json, parquet, csv): all its rows."""
     path = Path(path).expanduser()
