@@ -64,6 +64,22 @@ dir = "{run}"
 """
 
 
+def timed(fn, into: list, when=lambda: True, before=lambda: None):
+    """`fn`, appending each call's seconds to `into` (only the calls where `when()` holds)."""
+
+    def wrapper(*a, **k):
+        before()
+        if not when():
+            return fn(*a, **k)
+        t0 = time.perf_counter()
+        try:
+            return fn(*a, **k)
+        finally:
+            into.append(time.perf_counter() - t0)
+
+    return wrapper
+
+
 def child(args) -> None:
     """One run: train in this process, time TRL's generation call, print one JSON line."""
     sys.path.insert(0, str(REPO))
@@ -84,46 +100,24 @@ def child(args) -> None:
     import torch
     from trl import GRPOTrainer
 
-    gen_times, threads = [], {}
-    original = GRPOTrainer._generate_single_turn
+    gen_times, threads, old_logps, engine_start = [], {}, [], []
 
-    def timed(self, *a, **k):
-        threads.setdefault("torch_threads_in_step", torch.get_num_threads())
-        t0 = time.perf_counter()
-        try:
-            return original(self, *a, **k)
-        finally:
-            gen_times.append(time.perf_counter() - t0)
+    def note_threads(*keys_values):
+        for key, value in keys_values:
+            threads.setdefault(key, value)
 
-    GRPOTrainer._generate_single_turn = timed
-    old_logps, original_logps = [], GRPOTrainer._get_per_token_logps_and_entropies
-
-    def timed_logps(self, *a, **k):  # without grad: the importance-sampling forward TRL adds beside vLLM
-        threads.setdefault("torch_threads_in_train_half", torch.get_num_threads())
-        threads.setdefault("cores_in_train_half", len(os.sched_getaffinity(0)))
-        if torch.is_grad_enabled():
-            return original_logps(self, *a, **k)
-        t0 = time.perf_counter()
-        try:
-            return original_logps(self, *a, **k)
-        finally:
-            old_logps.append(time.perf_counter() - t0)
-
-    GRPOTrainer._get_per_token_logps_and_entropies = timed_logps
-    engine_start = []
+    GRPOTrainer._generate_single_turn = timed(
+        GRPOTrainer._generate_single_turn, gen_times,
+        before=lambda: note_threads(("torch_threads_in_step", torch.get_num_threads())))
+    # without grad: the importance-sampling forward TRL adds beside vLLM
+    GRPOTrainer._get_per_token_logps_and_entropies = timed(
+        GRPOTrainer._get_per_token_logps_and_entropies, old_logps, when=lambda: not torch.is_grad_enabled(),
+        before=lambda: note_threads(("torch_threads_in_train_half", torch.get_num_threads()),
+                                    ("cores_in_train_half", len(os.sched_getaffinity(0)))))
     if vllm:
         from trl.generation import vllm_generation
 
-        real_llm = vllm_generation.LLM
-
-        def timed_llm(*a, **k):
-            t0 = time.perf_counter()
-            try:
-                return real_llm(*a, **k)
-            finally:
-                engine_start.append(time.perf_counter() - t0)
-
-        vllm_generation.LLM = timed_llm
+        vllm_generation.LLM = timed(vllm_generation.LLM, engine_start)
     tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     recipe_path = tmp / "r.toml"
     recipe_path.write_text(RECIPE.format(steps=args.steps, batch=args.prompts * 4, length=length,
