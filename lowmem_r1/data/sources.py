@@ -6,6 +6,8 @@ behaves exactly like the hub dataset.
 
 from __future__ import annotations
 
+import json
+from itertools import islice
 from pathlib import Path
 
 from ..errors import UserError
@@ -57,9 +59,6 @@ def peek_rows(source: str, where: str, limit: int | None = None) -> list[dict] |
     """The rows (the first `limit` of a JSON Lines file) of a local JSON Lines / JSON file, read without
     `datasets` (what --dry-run can check instantly); None for every other source (builtin, hub, parquet,
     csv: checked when loaded)."""
-    import json
-    from itertools import islice
-
     path = Path(source).expanduser()
     if source.startswith("builtin:") or not path.is_file() or path.suffix.lower() not in (".jsonl", ".json"):
         return None
