@@ -17,6 +17,7 @@ from typing import Literal
 from . import backends, launch, progress, vllm_cpu
 from .callbacks import Interrupt, MetricsLog
 from .compat import patch_trl_for_cpu
+from .correction import OnPolicyCorrection
 from .data import load_splits
 from .errors import UserError
 from .fsutil import (
@@ -505,10 +506,11 @@ def continuous_batching(recipe: Recipe) -> bool:
 
 def trainer_class():
     """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first), checkpoints staged;
-    dynamic sampling (sampling.py) rides on its generation hook."""
+    dynamic sampling (sampling.py) rides on its generation hook; vLLM's importance-sampling correction
+    reuses the loss's forward when that is exact (correction.py)."""
     from trl import GRPOTrainer
 
-    return staged_trainer(type("GRPOTrainer", (DynamicSampling, GRPOTrainer), {}))
+    return staged_trainer(type("GRPOTrainer", (DynamicSampling, OnPolicyCorrection, GRPOTrainer), {}))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
