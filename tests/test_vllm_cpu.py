@@ -251,6 +251,9 @@ def test_grpo_with_colocated_vllm_syncs_the_trained_weights(tmp_path, monkeypatc
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all("sampling/importance_sampling_ratio/mean" in r for r in rows)  # TRL's vLLM path, not generate()
+    # the ratio came from the loss's forward (correction.py): vLLM (bf16) and trainer (fp32) nearly agree
+    assert trainer._correction_from_loss_forward()
+    assert all(0.5 < r["sampling/importance_sampling_ratio/mean"] < 2.0 for r in rows)
 
     generation = trainer.vllm_generation
     vllm_cpu.layerwise_sync(generation)  # the next step's sync: vLLM gets the weights after step 2
