@@ -234,10 +234,9 @@ def test_continuous_batching_setting_resolves_and_never_applies_with_vllm(monkey
         return recipe_from_dict({**controls(), "generation": {"continuous_batching": value, **generation}})
 
     assert continuous_batching(r("on")) and not continuous_batching(r("off"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert continuous_batching(r("auto"))
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert not continuous_batching(r("auto"))
+    for cuda in (False, True):  # auto: measured slower than the padded-batch generate (0.47x on a CPU)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        assert not continuous_batching(r("auto"))
     assert not continuous_batching(recipe_from_dict({**controls(), "generation": {"continuous_batching": "on"},
                                                      "model": {"name": "builtin:smollm2-135m-instruct",
                                                                "fast_inference": True}}))
