@@ -12,7 +12,7 @@ from typing import List, Optional
 
 import typer
 
-from . import launch
+from . import allocator, launch
 from .backends import choose, cuda_available, preflight
 from .chat import ChatOptions, chat as run_chat
 from .data import TASKS
@@ -398,6 +398,7 @@ def quiet_third_party() -> None:
 
 
 def main() -> None:
+    allocator.reexec(sys.argv[1:])
     if "--debug" not in sys.argv[1:]:
         quiet_third_party()
     try:

@@ -15,7 +15,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import backends, vllm_cpu
+from . import allocator, backends, vllm_cpu
 from .fsutil import free_bytes
 from .plan import make_plan, model_shape
 from .precision import bf16_supported
@@ -308,6 +308,8 @@ def run_checks(recipe=None) -> list[Check]:
             needed_gpu.add("vllm")
     checks += package_checks(needed_gpu)
     checks += gpu_set_checks(cuda)
+    what, fast = allocator.describe()
+    checks.append(Check("memory allocator", what, OK if fast else INFO, "" if fast else allocator.INSTALL))
     if not cuda:
         checks.append(vllm_cpu_check(recipe is not None and recipe.generation.use_vllm))
     if backends.installed("torch"):  # the rows for several processes
