@@ -15,11 +15,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lowmem_r1 import allocator  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def main() -> None:
+    allocator.under_tcmalloc()  # the toolkit's allocator (lowmem_r1/allocator.py), inherited by child processes
+    print(f"allocator: {'tcmalloc' if allocator.loaded() else 'glibc malloc'}", flush=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts", type=int, default=32)
     ap.add_argument("--max-new-tokens", type=int, default=32)

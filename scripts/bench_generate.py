@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lowmem_r1 import allocator  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -36,6 +37,8 @@ def count_tokens(row: list[int], stops: set[int]) -> int:
 
 
 def main() -> int:
+    allocator.under_tcmalloc()  # the toolkit's allocator (lowmem_r1/allocator.py), inherited by child processes
+    print(f"allocator: {'tcmalloc' if allocator.loaded() else 'glibc malloc'}", flush=True)
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="builtin:smollm2-135m-instruct")
     ap.add_argument("--prompts", type=int, default=8)

@@ -19,6 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lowmem_r1 import allocator  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 CONFIG = dict(steps=6, batch=8, generations=4, completion=16, lr=5e-4, r=8, seed=0)
@@ -122,6 +125,8 @@ def run_plain(cfg: dict, tmp: Path) -> list[float]:
 
 
 def main() -> None:
+    allocator.under_tcmalloc()  # the toolkit's allocator (lowmem_r1/allocator.py), inherited by child processes
+    print(f"allocator: {'tcmalloc' if allocator.loaded() else 'glibc malloc'}", flush=True)
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=CONFIG["steps"])

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lowmem_r1 import allocator  # noqa: E402
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -176,6 +177,8 @@ def plot(curves: dict, out: Path) -> list[Path]:
 
 
 def main() -> None:
+    allocator.under_tcmalloc()  # the toolkit's allocator (lowmem_r1/allocator.py), inherited by child processes
+    print(f"allocator: {'tcmalloc' if allocator.loaded() else 'glibc malloc'}", flush=True)
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=330, help="training seconds per run")
     ap.add_argument("--eval-every", type=float, default=55, help="training seconds between held-out evaluations")

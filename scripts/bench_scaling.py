@@ -27,6 +27,9 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lowmem_r1 import allocator  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.toml"
 
@@ -105,6 +108,8 @@ def run(nproc: int, steps: int, batch: int, completion: int, tmp: Path, threads:
 
 
 def main() -> None:
+    allocator.under_tcmalloc()  # the toolkit's allocator (lowmem_r1/allocator.py), inherited by child processes
+    print(f"allocator: {'tcmalloc' if allocator.loaded() else 'glibc malloc'}", flush=True)
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--batch", type=int, default=16, help="completions per step, over all processes")

@@ -31,6 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from lowmem_r1 import allocator  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 
 RECIPE = """
@@ -164,6 +167,8 @@ def _pad(xs: list, n: int) -> list:
 
 
 def main() -> None:
+    allocator.under_tcmalloc()  # the toolkit's allocator (lowmem_r1/allocator.py), inherited by child processes
+    print(f"allocator: {'tcmalloc' if allocator.loaded() else 'glibc malloc'}", flush=True)
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", default="32,128,256")
     p.add_argument("--steps", type=int, default=4)
@@ -195,9 +200,9 @@ def main() -> None:
             print(json.dumps(r), file=sys.stderr, flush=True)
     print(f"GRPO on the embedded SmolLM2-135M, {args.prompts * 4} completions/step, {args.steps} steps, "
           f"{os.cpu_count()} cores")
-    print("| L | mode | steady step s | end-to-end s/step | start-up s | engine start s | gen tok/s | train half s | "
+    print("| L | mode | steady step s | end-to-end s/step | start-up s | engine start s | gen tok/s | sync s | train half s | "
           "of which fwd/bwd/opt s | torch threads | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for (mode, length), r in results.items():
         s = summarise(r)
         print(f"| {length} | {mode} | {s['steady']:.1f} | {s['e2e']:.1f} | {s['startup']:.0f} | "
