@@ -13,6 +13,7 @@ Goal (issue 17): best reaches plain's final held-out accuracy with <= 0.6x its g
 >= 10 points higher at equal wall time. Last line: `tokens_ratio=<x> accuracy_gain_points=<y>`.
 
     .venv/bin/python scripts/bench_sample_efficiency.py [--budget 330] [--out bench-out] [--clock cpu] [--quick]
+        [--best JSON]   # another best arm: its [training] controls, e.g. {"dynamic_sampling": "skip", "num_iterations": 2}
 """
 
 from __future__ import annotations
@@ -192,13 +193,14 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="budget in wall seconds, or in CPU seconds / threads (fair on a shared machine)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 45 s per arm, 16 held-out questions")
+    ap.add_argument("--best", type=json.loads, default=BEST, help="the best arm's [training] controls, as JSON")
     a = ap.parse_args()
     if a.quick:
         a.budget, a.eval_every, a.eval_size = 45, 20, 16
     out = a.out or Path(tempfile.mkdtemp(prefix="bench-sample-eff-"))
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    curves = {"plain": run_arm("plain", PLAIN, a, out), "best": run_arm("best", BEST, a, out)}
+    curves = {"plain": run_arm("plain", PLAIN, a, out), "best": run_arm("best", a.best, a, out)}
     plain, best = curves["plain"], curves["best"]
     final_plain, final_best = plain[-1], best[-1]
     hit = first_reaching(best, final_plain["accuracy"])
