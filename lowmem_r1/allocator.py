@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from .errors import UserError
+
 COMMANDS = ("train", "sample", "eval")  # where the tensors are: generation and training
 OPT_OUT = "LOWMEM_R1_ALLOCATOR"
 NAMES = ("tcmalloc_minimal", "tcmalloc")
@@ -33,14 +35,25 @@ def find_tcmalloc() -> str | None:
     return None
 
 
+def mode(env=os.environ) -> str:
+    """LOWMEM_R1_ALLOCATOR: "auto" (tcmalloc when installed, the default) or "system" (glibc's malloc)."""
+    value = env.get(OPT_OUT, "auto")
+    if value not in ("auto", "system"):
+        raise UserError(f"{OPT_OUT}={value!r}: use 'auto' (tcmalloc when installed) or 'system' (glibc's malloc)")
+    return value
+
+
 def preloaded(env=os.environ) -> bool:
     return "tcmalloc" in env.get("LD_PRELOAD", "")
 
 
+def _command(argv: list[str]) -> str | None:
+    return next((a for a in argv if not a.startswith("-")), None)
+
+
 def wanted(argv: list[str]) -> bool:
     """Is this command line one that should run under tcmalloc? (Not --help, not --dry-run: those load nothing.)"""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    return command in COMMANDS and not {"--dry-run", "--help", "-h"} & set(argv)
+    return _command(argv) in COMMANDS and not {"--dry-run", "--help", "-h"} & set(argv)
 
 
 def preload_env(library: str, env=os.environ) -> dict[str, str]:
@@ -50,7 +63,10 @@ def preload_env(library: str, env=os.environ) -> dict[str, str]:
 
 
 def reexec(argv: list[str]) -> None:
-    """Replace this process with the same command under tcmalloc, when the command wants it; else return."""
+    """Replace this process with the same command under tcmalloc, when the command wants it; else return.
+    A bad LOWMEM_R1_ALLOCATOR fails these commands, --dry-run included, before anything loads."""
+    if _command(argv) in COMMANDS:
+        mode()
     if wanted(argv) and list(sys.orig_argv[-len(argv):]) == list(argv):
         under_tcmalloc()  # not when main() is called in-process (a test) with its own argv: exec would replace the caller
 
@@ -59,7 +75,7 @@ def under_tcmalloc() -> None:
     """Re-execute this process (sys.orig_argv) with tcmalloc preloaded, once: unless it is there already,
     not installed, or opted out. Same PID, same file descriptors, so a launcher (torchrun) or a shell sees
     no difference; the benchmarks call it so that their child processes inherit the setting."""
-    if os.environ.get(OPT_OUT, "auto") == "system" or preloaded() or not sys.executable:
+    if mode() == "system" or preloaded() or not sys.executable:
         return
     library = find_tcmalloc()
     if library is not None:
@@ -68,16 +84,19 @@ def under_tcmalloc() -> None:
         os.execve(sys.executable, list(sys.orig_argv), preload_env(library))
 
 
-def describe() -> tuple[str, bool]:
-    """(what `doctor` says, whether tcmalloc is in use or will be)."""
-    if os.environ.get(OPT_OUT, "auto") == "system":
-        return f"glibc malloc ({OPT_OUT}=system)", True
+def describe() -> tuple[str, str, str]:
+    """`doctor`'s row: (what runs, "ok" / "info" / "fail", the fix)."""
+    try:
+        if mode() == "system":
+            return f"glibc malloc ({OPT_OUT}=system)", "ok", ""
+    except UserError as e:
+        return str(e), "fail", f"unset {OPT_OUT}, or set it to auto or system"
     if preloaded():
-        return "tcmalloc, already in LD_PRELOAD", True
+        return "tcmalloc, already in LD_PRELOAD", "ok", ""
     library = find_tcmalloc()
     if library:
-        return f"tcmalloc ({library}): train, sample and eval run under it", True
-    return "glibc malloc: CPU steps take 1.15-1.32x as long as under tcmalloc", False
+        return f"tcmalloc ({library}): train, sample and eval run under it", "ok", ""
+    return "glibc malloc: CPU steps take 1.15-1.32x as long as under tcmalloc", "info", INSTALL
 
 
 def loaded() -> bool:
@@ -86,3 +105,10 @@ def loaded() -> bool:
         return "tcmalloc" in Path("/proc/self/maps").read_text()
     except OSError:
         return False
+
+
+def for_benchmark() -> str:
+    """A benchmark's first call: run under the toolkit's allocator (its child processes inherit it), and
+    say which one, to print beside the figures."""
+    under_tcmalloc()
+    return "tcmalloc" if loaded() else "glibc malloc"

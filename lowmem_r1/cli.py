@@ -398,10 +398,10 @@ def quiet_third_party() -> None:
 
 
 def main() -> None:
-    allocator.reexec(sys.argv[1:])
     if "--debug" not in sys.argv[1:]:
         quiet_third_party()
     try:
+        allocator.reexec(sys.argv[1:])
         code = app(standalone_mode=False)  # click returns a typer.Exit's code here instead of raising it
         if isinstance(code, int) and code:
             sys.exit(code)

@@ -308,8 +308,7 @@ def run_checks(recipe=None) -> list[Check]:
             needed_gpu.add("vllm")
     checks += package_checks(needed_gpu)
     checks += gpu_set_checks(cuda)
-    what, fast = allocator.describe()
-    checks.append(Check("memory allocator", what, OK if fast else INFO, "" if fast else allocator.INSTALL))
+    checks.append(Check("memory allocator", *allocator.describe()))
     if not cuda:
         checks.append(vllm_cpu_check(recipe is not None and recipe.generation.use_vllm))
     if backends.installed("torch"):  # the rows for several processes

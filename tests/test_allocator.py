@@ -3,11 +3,13 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from lowmem_r1 import allocator, doctor
 
+REPO = Path(__file__).resolve().parent.parent
 PROBE = """
 import sys
 from lowmem_r1 import allocator
@@ -75,3 +77,20 @@ def test_doctor_names_the_allocator(monkeypatch):
     monkeypatch.setattr(allocator, "find_tcmalloc", lambda: "libtcmalloc_minimal.so.4")
     row = next(c for c in doctor.run_checks() if c.what == "memory allocator")
     assert row.status == doctor.OK and "tcmalloc" in row.value
+
+
+def test_a_bad_allocator_value_is_one_line_and_exit_2_before_anything_loads():
+    env = {**os.environ, allocator.OPT_OUT: "off"}
+    env.pop("LD_PRELOAD", None)
+    cli = [sys.executable, "-m", "lowmem_r1", "train", "recipes/demo.toml", "--dry-run"]
+    done = subprocess.run(cli, env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "LOWMEM_R1_ALLOCATOR='off'" in lines[0] and "'system'" in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_doctor_fails_a_bad_allocator_value(monkeypatch):
+    monkeypatch.setenv(allocator.OPT_OUT, "glibc")
+    row = next(c for c in doctor.run_checks() if c.what == "memory allocator")
+    assert row.status == doctor.FAIL and "LOWMEM_R1_ALLOCATOR='glibc'" in row.value and "auto or system" in row.fix
