@@ -178,8 +178,7 @@ def plot(curves: dict, out: Path) -> list[Path]:
 
 
 def main() -> None:
-    allocator.under_tcmalloc()  # the toolkit's allocator (lowmem_r1/allocator.py), inherited by child processes
-    print(f"allocator: {'tcmalloc' if allocator.loaded() else 'glibc malloc'}", flush=True)
+    print(f"allocator: {allocator.for_benchmark()}", flush=True)  # the toolkit's, inherited by child processes
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=330, help="training seconds per run")
     ap.add_argument("--eval-every", type=float, default=55, help="training seconds between held-out evaluations")

@@ -167,8 +167,7 @@ def _pad(xs: list, n: int) -> list:
 
 
 def main() -> None:
-    allocator.under_tcmalloc()  # the toolkit's allocator (lowmem_r1/allocator.py), inherited by child processes
-    print(f"allocator: {'tcmalloc' if allocator.loaded() else 'glibc malloc'}", flush=True)
+    print(f"allocator: {allocator.for_benchmark()}", flush=True)  # the toolkit's, inherited by child processes
     p = argparse.ArgumentParser()
     p.add_argument("--lengths", default="32,128,256")
     p.add_argument("--steps", type=int, default=4)
