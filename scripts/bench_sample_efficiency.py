@@ -13,7 +13,8 @@ Goal (issue 17): best reaches plain's final held-out accuracy with <= 0.6x its g
 >= 10 points higher at equal wall time. Last line: `tokens_ratio=<x> accuracy_gain_points=<y>`.
 
     .venv/bin/python scripts/bench_sample_efficiency.py [--budget 330] [--out bench-out] [--clock cpu] [--quick]
-        [--best JSON]   # another best arm: its [training] controls, e.g. {"dynamic_sampling": "skip", "num_iterations": 2}
+        [--best JSON]   # another best arm: its [training] controls, e.g. {"dynamic_sampling": "skip", "num_iterations": 2};
+                        # "rewards": [tables added to answer_match], "generation": {e.g. "temperature": 0.7}
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ BEST = {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "mask_truncat
 
 
 def recipe(run_dir: Path, controls: dict, a) -> dict:
+    controls = dict(controls)
+    extra_rewards = controls.pop("rewards", [])  # reward shaping the arm adds to answer_match
+    generation = {"max_completion_length": a.max_tokens, "temperature": 1.0, **controls.pop("generation", {})}
     return {
         "name": run_dir.name,
         "model": {"name": "builtin:smollm2-135m-instruct", "backend": "hf"},
@@ -47,11 +51,11 @@ def recipe(run_dir: Path, controls: dict, a) -> dict:
         "data": {"source": "builtin:arithmetic", "task": "arithmetic", "eval_size": a.eval_size,
                  "generator": {"n": 3000, "seed": 0, "min_operand": 10, "max_operand": 99, "ops": ["+"]}},
         "prompt": {"user": "{question} Reply with only the number."},
-        "rewards": [{"name": "answer_match", "extract": "last_number"}],
+        "rewards": [{"name": "answer_match", "extract": "last_number"}, *extra_rewards],
         "training": {"max_steps": 100000, "learning_rate": a.lr, "per_device_train_batch_size": a.prompts * a.generations,
                      "num_generations": a.generations, "save_steps": 100000, "save_total_limit": 1,
                      "seed": a.seed, **controls},
-        "generation": {"max_completion_length": a.max_tokens, "temperature": 1.0},
+        "generation": generation,
         "logging": {"sample_every": 0},
         "output": {"dir": str(run_dir)},
     }

@@ -1,0 +1,50 @@
+"""The sample-efficiency benchmark builds recipes the toolkit accepts, for its arms and for a `--best` arm
+that adds rewards or changes generation (benchmarks are not run here: they are minutes long)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lowmem_r1.errors import UserError
+from lowmem_r1.recipe import recipe_from_dict
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_sample_efficiency.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_sample_efficiency", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ARGS = argparse.Namespace(eval_size=64, lr=5e-4, prompts=4, generations=8, seed=42, max_tokens=12)
+
+
+def test_both_default_arms_are_valid_recipes_that_differ_only_in_their_controls(bench, tmp_path):
+    plain = recipe_from_dict(bench.recipe(tmp_path / "plain", bench.PLAIN, ARGS))
+    best = recipe_from_dict(bench.recipe(tmp_path / "best", bench.BEST, ARGS))
+    assert (plain.training.dynamic_sampling, best.training.dynamic_sampling) == ("off", "refill")
+    assert plain.rewards == best.rewards and plain.generation == best.generation
+    assert plain.training.seed == best.training.seed == 42
+
+
+def test_a_best_arm_can_add_rewards_and_change_generation_without_touching_the_defaults(bench, tmp_path):
+    arm = {"dynamic_sampling": "skip", "rewards": [{"name": "overlong_penalty", "max_length": 12, "cache_length": 8}],
+           "generation": {"temperature": 0.7}}
+    r = recipe_from_dict(bench.recipe(tmp_path / "best", arm, ARGS))
+    assert [e.name for e in r.rewards] == ["answer_match", "overlong_penalty"]
+    assert r.generation.temperature == 0.7 and r.generation.max_completion_length == 12
+    assert "rewards" in arm and "generation" in arm  # the caller's dict is not consumed
+    plain = recipe_from_dict(bench.recipe(tmp_path / "plain", bench.PLAIN, ARGS))
+    assert [e.name for e in plain.rewards] == ["answer_match"] and plain.generation.temperature == 1.0
+
+
+def test_a_best_arm_with_a_bad_control_is_refused_by_the_recipe_schema(bench, tmp_path):
+    with pytest.raises(UserError, match="dynamic_sampling"):
+        recipe_from_dict(bench.recipe(tmp_path / "best", {"dynamic_sampling": "sometimes"}, ARGS))
