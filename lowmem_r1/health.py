@@ -86,6 +86,7 @@ class HealthWatch:
                     f"reward {name} has been exactly 0 for {self.zero_run[key]} steps: the model may never write "
                     f"the answer format the reward expects, or the answer extraction does not match the gold "
                     f"answers; run `lowmem-r1 rewards check RECIPE` and look at a sample completion"
+                    + self.only_signal(logs)
                 )
         grad = number(logs.get("grad_norm"))
         if grad == 0 and "grad_norm" not in self.given:
@@ -96,6 +97,29 @@ class HealthWatch:
                           "completions masked by mask_truncated_completions)")
             out.append(f"grad norm is 0: nothing was learned this step; likely {cause}")
         return out
+
+
+    def only_signal(self, logs: dict) -> str:
+        """While answers score 0, the rewards that still vary carry every advantage (group scaling makes any
+        weight full size): name them, and the length rewards' known failure."""
+        varying = sorted(
+            k.split("/")[1] for k, v in logs.items()
+            if k.startswith("rewards/") and k.endswith("/std") and (number(v) or 0) > 0
+            and f"rewards/{k.split('/')[1]}/mean" not in self.correctness
+        )
+        if not varying:
+            return ""
+        text = f"; meanwhile {', '.join(varying)} carries all the signal, so training teaches that, not answers"
+        if any(is_length_reward(n) for n in varying):
+            text += (" (a length reward alone shortens replies until they are empty, whatever its weight: add it "
+                     "once answers score, e.g. in a later stage after cold-start SFT)")
+        return text
+
+
+def is_length_reward(name: str) -> bool:
+    """A reward from rewards/length.py: it scores how long a reply is, not whether it is right."""
+    spec = reward_registry.REGISTRY.get(name)
+    return spec is not None and spec.factory.__module__.endswith(".length")
 
 
 def scan(rows: list[dict], recipe: Recipe | None) -> list[str]:

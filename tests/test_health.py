@@ -99,3 +99,23 @@ def test_report_shows_signals_and_warnings(tmp_path):
     text = out.getvalue()
     assert "normal for GRPO with beta = 0" in text and "warning: reward answer_match" in text
     assert (Path(run) / "report" / "grad_norm.png").is_file()
+
+
+def test_zero_correctness_names_the_reward_that_carries_the_signal_and_a_length_rewards_failure():
+    # Seen on the sample-efficiency bench: answers at 0, overlong_penalty the only varying reward, and
+    # replies collapsed to one digit or nothing within 10 steps.
+    watch = health.HealthWatch(["rewards/answer_match/mean"], zero_steps=2)
+    step = {"rewards/answer_match/mean": 0.0, "rewards/answer_match/std": 0.0,
+            "rewards/overlong_penalty/mean": -0.4, "rewards/overlong_penalty/std": 0.3}
+    [w] = [x for _ in range(2) for x in watch.update(step)]
+    assert "overlong_penalty carries all the signal" in w and "shortens replies until they are empty" in w
+    assert "answer_match carries" not in w
+
+
+def test_zero_correctness_with_a_format_reward_varying_names_it_without_the_length_hint():
+    watch = health.HealthWatch(["rewards/answer_match/mean"], zero_steps=1)
+    [w] = watch.update({"rewards/answer_match/mean": 0.0, "rewards/think_format/std": 0.4})
+    assert "think_format carries all the signal" in w and "length reward" not in w
+    watch = health.HealthWatch(["rewards/answer_match/mean"], zero_steps=1)
+    [w] = watch.update({"rewards/answer_match/mean": 0.0, "rewards/think_format/std": 0.0})
+    assert "carries all the signal" not in w  # nothing varies: no signal to name
