@@ -95,6 +95,11 @@ class HeldOut(Callback):
             control.should_training_stop = True
         return control
 
+    def on_train_end(self, args, state, control, model=None, **kw):
+        """An arm whose max_steps ends it before the budget still gets its final point."""
+        if model is not None and self.points and self.points[-1]["step"] != state.global_step:
+            self.measure(model, state.global_step)
+
     def measure(self, model, step: int) -> None:
         import torch
 
