@@ -98,15 +98,13 @@ class HealthWatch:
             out.append(f"grad norm is 0: nothing was learned this step; likely {cause}")
         return out
 
-
     def only_signal(self, logs: dict) -> str:
         """While answers score 0, the rewards that still vary carry every advantage (group scaling makes any
         weight full size): name them, and the length rewards' known failure."""
-        varying = sorted(
-            k.split("/")[1] for k, v in logs.items()
-            if k.startswith("rewards/") and k.endswith("/std") and (number(v) or 0) > 0
-            and f"rewards/{k.split('/')[1]}/mean" not in self.correctness
-        )
+        stds = {k[len("rewards/"):-len("/std")]: number(v) for k, v in logs.items()
+                if k.startswith("rewards/") and k.endswith("/std")}
+        varying = sorted(n for n, std in stds.items()
+                         if (std or 0) > 0 and f"rewards/{n}/mean" not in self.correctness)
         if not varying:
             return ""
         text = f"; meanwhile {', '.join(varying)} carries all the signal, so training teaches that, not answers"

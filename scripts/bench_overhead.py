@@ -19,10 +19,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lowmem_r1 import allocator  # noqa: E402
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from lowmem_r1 import allocator  # noqa: E402
 
 CONFIG = dict(steps=6, batch=8, generations=4, completion=16, lr=5e-4, r=8, seed=0)
 

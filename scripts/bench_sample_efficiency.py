@@ -201,7 +201,9 @@ def main() -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="budget in wall seconds, or in CPU seconds / threads (fair on a shared machine)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 45 s per arm, 16 held-out questions")
-    ap.add_argument("--best", type=json.loads, default=BEST, help="the best arm's [training] controls, as JSON")
+    ap.add_argument("--best", type=json.loads, default=BEST,
+                    help='the best arm as JSON: [training] controls, plus optional "rewards" (tables added to '
+                         'answer_match) and "generation" (e.g. {"temperature": 0.7})')
     a = ap.parse_args()
     if a.quick:
         a.budget, a.eval_every, a.eval_size = 45, 20, 16

@@ -27,10 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 from lowmem_r1 import allocator  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.toml"
 
 WORKER = r'''

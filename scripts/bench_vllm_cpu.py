@@ -31,10 +31,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lowmem_r1 import allocator  # noqa: E402
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+from lowmem_r1 import allocator  # noqa: E402
 
 RECIPE = """
 name = "bench-vllm"
