@@ -50,6 +50,7 @@ def test_registry_has_every_issue_reward():
         "language_consistency",
         "overlong_penalty",
         "brevity",
+        "numeric_closeness",
     }
     assert names <= set(rewards.REGISTRY)
     assert rewards.REGISTRY["answer_match"].columns == ("answer",)
@@ -345,6 +346,19 @@ def test_answer_match_modes_and_text():
         1.0
     ]
     assert score("answer_match", ["<answer>8</answer>"], answer=[None]) == [None]
+
+
+def test_numeric_closeness_gives_partial_credit_that_falls_with_the_distance():
+    texts = ["13 * 7 = 91", "13 * 7 = 90", "13 * 7 = 98", "13 * 7 = 910", "no number"]
+    got = score("numeric_closeness", texts, answer=["91"] * 5, params={"extract": "last_number"})
+    assert got[0] == 1.0 and got[-1] == 0.0
+    assert 1.0 > got[1] > got[2] > got[3] > 0.0
+    assert abs(got[2] - math.exp(-7 / (0.05 * 91 + 1))) < 1e-12
+    assert score("numeric_closeness", ["<answer>1,000</answer>"], answer=["1000"]) == [1.0]
+    assert score("numeric_closeness", ["90"], answer=["91"], params={"tolerance": 0}) == [math.exp(-1)]
+    assert score("numeric_closeness", ["8", "8"], answer=["eight", None]) == [None, None]
+    with pytest.raises(UserError, match="bad parameters"):
+        rewards.build("numeric_closeness", tolerance=-1)
 
 
 def test_boxed_match():

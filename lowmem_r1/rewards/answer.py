@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import re
 
-from .extract import EXTRACT_MODES, answer_tag, answers_equal, batch, column, extract_answer, last_boxed
+from .extract import (
+    EXTRACT_MODES, answer_tag, answers_equal, batch, column, extract_answer, last_boxed, parse_number,
+)
 from .registry import register
 
 _INTEGER = re.compile(r"[-+]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)")
@@ -73,6 +76,36 @@ def boxed_match():
             None if g is None else 1.0 if answers_equal(last_boxed(t), g) else 0.0
             for t, g in zip(texts, golds)
         ]
+
+    return reward
+
+
+@register(
+    "numeric_closeness",
+    "Partial credit for a numeric answer: exp(-|answer - gold| / (tolerance x |gold| + 1)), 1 when equal, 0 "
+    "without a number; None when the `answer` column is not a number. For tasks where exact answers are "
+    "rare at the start, so groups still differ. extract: auto | tag | boxed | last_number.",
+    columns=("answer",),
+    best=1.0,
+)
+def numeric_closeness(extract: str = "auto", tolerance: float = 0.05):
+    extract = _check_mode(extract)
+    if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+        raise ValueError(f"tolerance must be a number >= 0, not {tolerance!r}")
+    tolerance = float(tolerance)
+
+    def reward(prompts=None, completions=None, **kwargs):
+        texts, prefixes = batch(prompts, completions)
+        golds = column(kwargs, "answer", len(texts))
+        out = []
+        for t, p, g in zip(texts, prefixes, golds):
+            gold = parse_number(g)
+            if gold is None:
+                out.append(None)
+                continue
+            got = parse_number(extract_answer(p + t, extract))
+            out.append(0.0 if got is None else math.exp(-abs(got - gold) / (tolerance * abs(gold) + 1.0)))
+        return out
 
     return reward
 
