@@ -1,18 +1,22 @@
 """Sample efficiency of GRPO on CPU: plain settings against the toolkit's best ones, same seed, same budget.
 
-Task: two-digit additions ("What is 47 + 38?", answer with the number only) that the embedded
-SmolLM2-135M gets right well under half the time before training. Both runs train for the same
-training wall time (held-out evaluation is paused out of the clock); every `--eval-every` seconds the
-adapter answers the same held-out questions greedily. Curves: held-out accuracy against generated
-completion tokens and against training wall time (PNG, both runs).
+Task: two-digit subtractions ("What is 82 - 29?", answer with the number only) that the embedded
+SmolLM2-135M gets right 3% of the time before training, so most of plain GRPO's groups score 0 throughout
+and teach nothing (the case dynamic sampling is for). `--op + --operands 10 99` is the two-digit addition
+task of the first runs (base 28%). Both runs train for the same training wall time (held-out evaluation is
+paused out of the clock); every `--eval-every` seconds the adapter answers the same held-out questions
+greedily. Curves: held-out accuracy against generated completion tokens and against training wall time
+(PNG, both runs).
 
     plain: loss_type grpo, epsilon 0.2, no overlong filtering, no dynamic sampling
-    best:  loss_type dapo, clip-higher (epsilon_high 0.28), overlong filtering, dynamic sampling refill
+    best:  loss_type dapo, clip-higher (epsilon_high 0.28), dynamic sampling refill (no overlong filtering:
+           replies cut at --max-tokens still hold their answer, and masking them drops the rare right ones)
 
 Goal (issue 17): best reaches plain's final held-out accuracy with <= 0.6x its generated tokens, and ends
 >= 10 points higher at equal wall time. Last line: `tokens_ratio=<x> accuracy_gain_points=<y>`.
 
     .venv/bin/python scripts/bench_sample_efficiency.py [--budget 330] [--out bench-out] [--clock cpu] [--quick]
+        [--op - --operands 10 99]   # the task: + - or *, operands drawn from MIN..MAX
         [--best JSON]   # another best arm: its [training] controls, e.g. {"dynamic_sampling": "skip", "num_iterations": 2};
                         # "rewards": [tables added to answer_match], "generation": {e.g. "temperature": 0.7}
 """
@@ -36,7 +40,7 @@ from lowmem_r1.callbacks import Callback  # noqa: E402
 from lowmem_r1.recipe import recipe_from_dict  # noqa: E402
 
 PLAIN = {"loss_type": "grpo", "epsilon": 0.2, "mask_truncated_completions": False, "dynamic_sampling": "off"}
-BEST = {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "mask_truncated_completions": True,
+BEST = {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "mask_truncated_completions": False,
         "dynamic_sampling": "refill", "max_refill_draws": 3}
 
 
@@ -49,7 +53,8 @@ def recipe(run_dir: Path, controls: dict, a) -> dict:
         "model": {"name": "builtin:smollm2-135m-instruct", "backend": "hf"},
         "lora": {"r": 16, "alpha": 32, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]},
         "data": {"source": "builtin:arithmetic", "task": "arithmetic", "eval_size": a.eval_size,
-                 "generator": {"n": 3000, "seed": 0, "min_operand": 10, "max_operand": 99, "ops": ["+"]}},
+                 "generator": {"n": 3000, "seed": 0, "min_operand": a.operands[0], "max_operand": a.operands[1],
+                               "ops": [a.op]}},
         "prompt": {"user": "{question} Reply with only the number."},
         "rewards": [{"name": "answer_match", "extract": "last_number"}, *extra_rewards],
         "training": {"max_steps": 100000, "learning_rate": a.lr, "per_device_train_batch_size": a.prompts * a.generations,
@@ -162,7 +167,7 @@ def first_reaching(points: list[dict], target: float) -> dict | None:
     return next((p for p in points if p["accuracy"] >= target - 1e-9), None)
 
 
-def plot(curves: dict, out: Path) -> list[Path]:
+def plot(curves: dict, out: Path, task: str) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -175,7 +180,7 @@ def plot(curves: dict, out: Path) -> list[Path]:
             ax.plot([p[key] for p in points], [100 * p["accuracy"] for p in points], marker="o", label=name)
         ax.set_xlabel(label)
         ax.set_ylabel("held-out accuracy (%)")
-        ax.set_title(f"two-digit addition, SmolLM2-135M: accuracy vs {label}", fontsize=10)
+        ax.set_title(f"{task}, SmolLM2-135M: accuracy vs {label}", fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
@@ -195,6 +200,8 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=12)
+    ap.add_argument("--op", choices=["+", "-", "*"], default="-", help="the task's operation")
+    ap.add_argument("--operands", type=int, nargs=2, default=[10, 99], metavar=("MIN", "MAX"))
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", type=Path, default=None, help="where curves and points go (default: a temp dir)")
@@ -216,7 +223,7 @@ def main() -> None:
     hit = first_reaching(best, final_plain["accuracy"])
     ratio = hit["tokens"] / final_plain["tokens"] if hit and final_plain["tokens"] else float("inf")
     gain = 100 * (final_best["accuracy"] - final_plain["accuracy"])
-    pngs = plot(curves, out)
+    pngs = plot(curves, out, f"a {a.op} b for a, b in {a.operands[0]}..{a.operands[1]}")
     (out / "points.json").write_text(json.dumps(curves, indent=2) + "\n")
     print(f"plain: held-out {plain[0]['accuracy']:.3f} -> {final_plain['accuracy']:.3f} in {final_plain['seconds']:.0f}s, "
           f"{final_plain['tokens']:.0f} tokens, {final_plain['step']} steps")

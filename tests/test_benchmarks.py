@@ -23,7 +23,7 @@ def bench():
     return module
 
 
-ARGS = argparse.Namespace(eval_size=64, lr=5e-4, prompts=4, generations=8, seed=42, max_tokens=12)
+ARGS = argparse.Namespace(op="-", operands=[10, 99], eval_size=64, lr=5e-4, prompts=4, generations=8, seed=42, max_tokens=12)
 
 
 def test_both_default_arms_are_valid_recipes_that_differ_only_in_their_controls(bench, tmp_path):
