@@ -37,6 +37,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from lowmem_r1.callbacks import Callback  # noqa: E402
+from lowmem_r1.errors import UserError  # noqa: E402
 from lowmem_r1.recipe import recipe_from_dict  # noqa: E402
 
 PLAIN = {"loss_type": "grpo", "epsilon": 0.2, "mask_truncated_completions": False, "dynamic_sampling": "off"}
@@ -163,6 +164,19 @@ def run_arm(name: str, controls: dict, a, out: Path) -> list[dict]:
     return cb.points
 
 
+def check_arms(ap: argparse.ArgumentParser, a) -> None:
+    """Refuse a bad task or --best arm in one line (exit 2) before the first arm spends minutes."""
+    if a.operands[0] > a.operands[1]:
+        ap.error(f"--operands {a.operands[0]} {a.operands[1]}: MIN must not exceed MAX")
+    if not isinstance(a.best, dict):
+        ap.error(f"--best: a JSON object of [training] controls, not {a.best!r}")
+    for name, controls in (("plain", PLAIN), ("--best", a.best)):
+        try:
+            recipe_from_dict(recipe(Path(name), controls, a), source=name)
+        except UserError as e:
+            ap.error(str(e))
+
+
 def first_reaching(points: list[dict], target: float) -> dict | None:
     return next((p for p in points if p["accuracy"] >= target - 1e-9), None)
 
@@ -212,6 +226,7 @@ def main() -> None:
                     help='the best arm as JSON: [training] controls, plus optional "rewards" (tables added to '
                          'answer_match) and "generation" (e.g. {"temperature": 0.7})')
     a = ap.parse_args()
+    check_arms(ap, a)
     if a.quick:
         a.budget, a.eval_every, a.eval_size = 45, 20, 16
     out = a.out or Path(tempfile.mkdtemp(prefix="bench-sample-eff-"))

@@ -48,3 +48,18 @@ def test_a_best_arm_can_add_rewards_and_change_generation_without_touching_the_d
 def test_a_best_arm_with_a_bad_control_is_refused_by_the_recipe_schema(bench, tmp_path):
     with pytest.raises(UserError, match="dynamic_sampling"):
         recipe_from_dict(bench.recipe(tmp_path / "best", {"dynamic_sampling": "sometimes"}, ARGS))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--operands", "50", "10"], "MIN must not exceed MAX"),
+    (["--best", '{"dynamic_sampling": "sometimes"}'], "--best: training.dynamic_sampling"),
+    (["--best", "[1, 2]"], "a JSON object"),
+])
+def test_a_bad_task_or_arm_is_refused_in_one_line_before_any_arm_runs(args, message, tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, str(SCRIPT), "--out", str(tmp_path / "out"), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+    assert not (tmp_path / "out").exists()
