@@ -95,6 +95,7 @@ class DynamicSampling:
     max_refill_draws: int = 4
     signal_reward: int | None = None
     """Index of the reward whose spread decides signal (training.dynamic_sampling_reward); None: advantages."""
+    _scores = None  # the last round's scores per reward (TRL's rewards_per_func), taken by _signal
 
     def _generate(self, prompts):
         """TRL's generation, counting the completion tokens it made (TRL returns (prompt_ids, completion_ids, ...))."""
@@ -111,13 +112,13 @@ class DynamicSampling:
         return self._scores
 
     def _signal(self, out) -> list[bool]:
-        scores, self._scores = getattr(self, "_scores", None), None
+        scores, self._scores = self._scores, None
         if self.signal_reward is None or scores is None or scores.shape[0] != out["advantages"].shape[0]:
             return groups_with_signal(out["advantages"], self.num_generations)
         return groups_with_signal(out["advantages"], self.num_generations, scores[:, self.signal_reward])
 
     def _generate_and_score_completions(self, inputs):
-        self._round_tokens, self._scores = 0, None
+        self._round_tokens, self._scores = 0, None  # no stale scores from a round TRL did not score
         out = super()._generate_and_score_completions(inputs)
         if not self.model.training:
             return out
