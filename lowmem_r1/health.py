@@ -12,7 +12,7 @@ from . import rewards as reward_registry
 from .recipe import Recipe
 
 ZERO_STEPS = 5
-"""Steps in a row with a correctness reward of exactly 0 before warning."""
+"""Steps in a row with a correctness reward of exactly 0 (or every completion truncated) before warning."""
 
 # (metric key, label) in display order; a row is shown only when the metric was logged.
 SIGNALS = [
@@ -70,6 +70,7 @@ class HealthWatch:
     def __init__(self, correctness: list[str], zero_steps: int = ZERO_STEPS):
         self.correctness, self.zero_steps = correctness, zero_steps
         self.zero_run: dict[str, int] = {}
+        self.truncated_run = 0
         self.given: set[str] = set()
 
     def update(self, logs: dict) -> list[str]:
@@ -96,7 +97,24 @@ class HealthWatch:
                      else "no trainable parameter received a gradient (check lora.target_modules, or all "
                           "completions masked by mask_truncated_completions)")
             out.append(f"grad norm is 0: nothing was learned this step; likely {cause}")
+        out += self.truncation(logs)
         return out
+
+    def truncation(self, logs: dict) -> list[str]:
+        """Every reply cut at the length cap, step after step: the model no longer ends its replies. Seen on the
+        sample-efficiency bench: replies like "89 - 82 equals 1.\\n8", where an answer read as the last number
+        is the stray digit after the cut, and a partial-credit reward paid for it."""
+        clipped = number(logs.get("completions/clipped_ratio"))
+        if clipped is None:
+            return []
+        self.truncated_run = self.truncated_run + 1 if clipped >= 1 else 0
+        if self.truncated_run < self.zero_steps or "truncated" in self.given:
+            return []
+        self.given.add("truncated")
+        return [f"every completion hit generation.max_completion_length for {self.truncated_run} steps: replies "
+                f"no longer end, and text after the answer (a stray number) can be scored as the answer; raise "
+                f"max_completion_length, or set training.mask_truncated_completions = true so cut replies "
+                f"teach nothing"]
 
     def only_signal(self, logs: dict) -> str:
         """While answers score 0, the rewards that still vary carry every advantage (group scaling makes any

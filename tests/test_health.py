@@ -119,3 +119,14 @@ def test_zero_correctness_with_a_format_reward_varying_names_it_without_the_leng
     watch = health.HealthWatch(["rewards/answer_match/mean"], zero_steps=1)
     [w] = watch.update({"rewards/answer_match/mean": 0.0, "rewards/think_format/std": 0.0})
     assert "carries all the signal" not in w  # nothing varies: no signal to name
+
+
+def test_every_completion_truncated_for_n_steps_warns_once_with_the_fix():
+    # Seen on the sample-efficiency bench with numeric_closeness: by step 29 every reply ran past the 12-token
+    # cap ("89 - 82 equals 1.\n8"), the stray last digit was scored, and held-out accuracy fell 0.203 -> 0.062.
+    watch = health.HealthWatch([], zero_steps=3)
+    steps = [{"completions/clipped_ratio": c} for c in (1.0, 1.0, 0.9, 1.0, 1.0)]
+    assert not any(watch.update(s) for s in steps)  # a step with an ended reply resets the count
+    [w] = watch.update({"completions/clipped_ratio": 1.0})
+    assert "max_completion_length for 3 steps" in w and "mask_truncated_completions = true" in w
+    assert watch.update({"completions/clipped_ratio": 1.0}) == []  # once
