@@ -6,7 +6,9 @@ and teach nothing (the case dynamic sampling is for). `--op + --operands 10 99` 
 task of the first runs (base 28%). Both runs train for the same training wall time (held-out evaluation is
 paused out of the clock); every `--eval-every` seconds the adapter answers the same held-out questions
 greedily. Curves: held-out accuracy against generated completion tokens and against training wall time
-(PNG, both runs).
+(PNG, both runs). 128 held-out questions: on 64, one figure's standard error is ~4.5 points at 15% accuracy
+(plain's final adapter scored 0.078 on the bench's 64 and 0.164 on 256 fresh questions), so the line before
+the last gives the standard error of the final gain.
 
     plain: loss_type grpo, epsilon 0.2, no overlong filtering, no dynamic sampling
     best:  loss_type dapo, clip-higher (epsilon_high 0.28), dynamic sampling refill (no overlong filtering:
@@ -115,8 +117,8 @@ class HeldOut(Callback):
         model.eval()
         self.tok.padding_side = "left"
         correct = 0
-        for i in range(0, len(self.rows), 32):
-            chunk = self.rows[i:i + 32]
+        for i in range(0, len(self.rows), 64):  # 64 a batch: 1.1x faster than 32 on 2 cores
+            chunk = self.rows[i:i + 64]
             texts = [self.tok.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in chunk]
             batch = self.tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
             with torch.no_grad():
@@ -177,6 +179,13 @@ def check_arms(ap: argparse.ArgumentParser, a) -> None:
             ap.error(str(e))
 
 
+def gain_error(plain: dict, best: dict, n: int) -> float:
+    """Standard error (points) of the difference of two held-out accuracies on n questions each (binomial),
+    so a reader can tell a gain from a swing."""
+    var = sum(p["accuracy"] * (1 - p["accuracy"]) for p in (plain, best)) / n
+    return 100 * var ** 0.5
+
+
 def first_reaching(points: list[dict], target: float) -> dict | None:
     return next((p for p in points if p["accuracy"] >= target - 1e-9), None)
 
@@ -210,7 +219,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--budget", type=float, default=330, help="training seconds per run")
     ap.add_argument("--eval-every", type=float, default=55, help="training seconds between held-out evaluations")
-    ap.add_argument("--eval-size", type=int, default=64)
+    ap.add_argument("--eval-size", type=int, default=128, help="held-out questions (the noise: see the docstring)")
     ap.add_argument("--prompts", type=int, default=4, help="prompts per step")
     ap.add_argument("--generations", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=12)
@@ -246,6 +255,8 @@ def main() -> None:
           f"{final_best['tokens']:.0f} tokens, {final_best['step']} steps")
     print(f"curves: {', '.join(str(p) for p in pngs)}; total {time.time() - started:.0f}s, "
           f"load average {os.getloadavg()[0]:.1f}")
+    print(f"noise: the gain's standard error is {gain_error(final_plain, final_best, a.eval_size):.1f} points "
+          f"({a.eval_size} held-out questions)")
     print(f"tokens_ratio={ratio:.2f} accuracy_gain_points={gain:.1f}")
 
 

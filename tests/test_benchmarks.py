@@ -45,6 +45,14 @@ def test_a_best_arm_can_add_rewards_and_change_generation_without_touching_the_d
     assert [e.name for e in plain.rewards] == ["answer_match"] and plain.generation.temperature == 1.0
 
 
+def test_the_gain_s_standard_error_shrinks_with_more_questions(bench):
+    half = {"accuracy": 0.5}
+    assert bench.gain_error(half, half, 100) == pytest.approx(100 * (0.5 / 100) ** 0.5)  # 7.1 points
+    plain, best = {"accuracy": 0.15}, {"accuracy": 0.25}
+    assert bench.gain_error(plain, best, 128) == pytest.approx(bench.gain_error(plain, best, 64) / 2 ** 0.5)
+    assert bench.gain_error({"accuracy": 0.0}, {"accuracy": 1.0}, 64) == 0.0
+
+
 def test_a_best_arm_with_a_bad_control_is_refused_by_the_recipe_schema(bench, tmp_path):
     with pytest.raises(UserError, match="dynamic_sampling"):
         recipe_from_dict(bench.recipe(tmp_path / "best", {"dynamic_sampling": "sometimes"}, ARGS))
