@@ -67,11 +67,18 @@ def correctness_keys(recipe: Recipe) -> list[str]:
 class HealthWatch:
     """Feed it each logged step; it returns warnings (each once) that name the likely cause."""
 
-    def __init__(self, correctness: list[str], zero_steps: int = ZERO_STEPS):
+    def __init__(self, correctness: list[str], zero_steps: int = ZERO_STEPS, masked: bool = False):
         self.correctness, self.zero_steps = correctness, zero_steps
+        self.masked = masked  # training.mask_truncated_completions: cut replies already teach nothing
         self.zero_run: dict[str, int] = {}
         self.truncated_run = 0
         self.given: set[str] = set()
+
+    @classmethod
+    def for_recipe(cls, recipe: Recipe | None) -> HealthWatch:
+        if recipe is None:
+            return cls([])
+        return cls(correctness_keys(recipe), masked=recipe.training.mask_truncated_completions)
 
     def update(self, logs: dict) -> list[str]:
         out = []
@@ -111,10 +118,10 @@ class HealthWatch:
         if self.truncated_run < self.zero_steps or "truncated" in self.given:
             return []
         self.given.add("truncated")
+        fix = ("raise it: with training.mask_truncated_completions on, cut replies teach nothing" if self.masked
+               else "raise it, or set training.mask_truncated_completions = true so cut replies teach nothing")
         return [f"every completion hit generation.max_completion_length for {self.truncated_run} steps: replies "
-                f"no longer end, and text after the answer (a stray number) can be scored as the answer; raise "
-                f"max_completion_length, or set training.mask_truncated_completions = true so cut replies "
-                f"teach nothing"]
+                f"no longer end, and text after the answer (a stray number) can be scored as the answer; {fix}"]
 
     def only_signal(self, logs: dict) -> str:
         """While answers score 0, the rewards that still vary carry every advantage (group scaling makes any
@@ -140,5 +147,5 @@ def is_length_reward(name: str) -> bool:
 
 def scan(rows: list[dict], recipe: Recipe | None) -> list[str]:
     """All warnings a run's metrics.jsonl deserves (for `report`)."""
-    watch = HealthWatch(correctness_keys(recipe) if recipe is not None else [])
+    watch = HealthWatch.for_recipe(recipe)
     return [w for r in rows for w in watch.update(r)]

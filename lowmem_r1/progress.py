@@ -101,7 +101,7 @@ class TrainingDisplay(Callback):
         self.recorder = None
         self.started = time.time()
         self.live: Live | None = None
-        self.watch = health.HealthWatch(health.correctness_keys(recipe))
+        self.watch = health.HealthWatch.for_recipe(recipe)
         self.warnings: list[str] = []
 
     def __enter__(self):

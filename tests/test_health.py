@@ -130,3 +130,7 @@ def test_every_completion_truncated_for_n_steps_warns_once_with_the_fix():
     [w] = watch.update({"completions/clipped_ratio": 1.0})
     assert "max_completion_length for 3 steps" in w and "mask_truncated_completions = true" in w
     assert watch.update({"completions/clipped_ratio": 1.0}) == []  # once
+    masked = health.HealthWatch.for_recipe(recipe_from_dict({**RECIPE, "training": {"mask_truncated_completions": True}}))
+    masked.zero_steps = 1
+    [w] = masked.update({"completions/clipped_ratio": 1.0})
+    assert "raise it: with training.mask_truncated_completions on" in w and "= true" not in w
