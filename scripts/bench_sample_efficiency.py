@@ -18,6 +18,7 @@ Goal (issue 17): best reaches plain's final held-out accuracy with <= 0.6x its g
 >= 10 points higher at equal wall time. Last line: `tokens_ratio=<x> accuracy_gain_points=<y>`.
 
     .venv/bin/python scripts/bench_sample_efficiency.py [--budget 330] [--out bench-out] [--clock cpu] [--quick]
+        [--seed 42 7 1]   # several seeds: per-seed lines, then the means (one seed's last point is a swing)
         [--op - --operands 10 99]   # the task: + - or *, operands drawn from MIN..MAX
         [--best JSON]   # another best arm: its [training] controls, e.g. {"dynamic_sampling": "skip", "num_iterations": 2};
                         # "rewards": [tables added to answer_match], "generation": {e.g. "temperature": 0.7}
@@ -181,9 +182,10 @@ def check_arms(ap: argparse.ArgumentParser, a) -> None:
 
 def gain_error(plain: dict, best: dict, n: int) -> float:
     """Standard error (points) of the difference of two held-out accuracies on n questions each (binomial),
-    so a reader can tell a gain from a swing."""
-    var = sum(p["accuracy"] * (1 - p["accuracy"]) for p in (plain, best)) / n
-    return 100 * var ** 0.5
+    so a reader can tell a gain from a swing. Each accuracy is taken as (right + 1) / (n + 2), so two
+    figures of 0 do not claim no noise."""
+    shrunk = [(p["accuracy"] * n + 1) / (n + 2) for p in (plain, best)]
+    return 100 * (sum(q * (1 - q) for q in shrunk) / n) ** 0.5
 
 
 def first_reaching(points: list[dict], target: float) -> dict | None:
@@ -226,7 +228,9 @@ def main() -> None:
     ap.add_argument("--op", choices=["+", "-", "*"], default="-", help="the task's operation")
     ap.add_argument("--operands", type=int, nargs=2, default=[10, 99], metavar=("MIN", "MAX"))
     ap.add_argument("--lr", type=float, default=5e-4)
-    ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--seed", type=int, nargs="+", default=[42],
+                    help="one or more seeds; with several, each runs both arms (~15 min a seed on 2 cores) and "
+                         "the last line gives the means over seeds")
     ap.add_argument("--out", type=Path, default=None, help="where curves and points go (default: a temp dir)")
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                     help="budget in wall seconds, or in CPU seconds / threads (fair on a shared machine)")
@@ -235,10 +239,30 @@ def main() -> None:
                     help='the best arm as JSON: [training] controls, plus optional "rewards" (tables added to '
                          'answer_match) and "generation" (e.g. {"temperature": 0.7})')
     a = ap.parse_args()
+    seeds, a.seed = a.seed, a.seed[0]
     check_arms(ap, a)
     if a.quick:
         a.budget, a.eval_every, a.eval_size = 45, 20, 16
     out = a.out or Path(tempfile.mkdtemp(prefix="bench-sample-eff-"))
+    results = []
+    for seed in seeds:
+        run = argparse.Namespace(**{**vars(a), "seed": seed})
+        results.append(compare(run, out / f"seed-{seed}" if len(seeds) > 1 else out))
+    if len(seeds) > 1:
+        for seed, (ratio, gain) in zip(seeds, results):
+            print(f"seed {seed}: tokens_ratio={ratio:.2f} accuracy_gain_points={gain:.1f}")
+    ratio, gain = summarise(results)
+    print(f"tokens_ratio={ratio:.2f} accuracy_gain_points={gain:.1f}")
+
+
+def summarise(results: list[tuple[float, float]]) -> tuple[float, float]:
+    """Over seeds: the mean token ratio (inf when any seed never reached plain's final) and the mean gain."""
+    ratios, gains = zip(*results)
+    return sum(ratios) / len(ratios), sum(gains) / len(gains)
+
+
+def compare(a, out: Path) -> tuple[float, float]:
+    """Both arms on one seed: curves and points under `out`, the figures printed; (tokens ratio, gain)."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     curves = {"plain": run_arm("plain", PLAIN, a, out), "best": run_arm("best", a.best, a, out)}
@@ -249,6 +273,7 @@ def main() -> None:
     gain = 100 * (final_best["accuracy"] - final_plain["accuracy"])
     pngs = plot(curves, out, f"a {a.op} b for a, b in {a.operands[0]}..{a.operands[1]}")
     (out / "points.json").write_text(json.dumps(curves, indent=2) + "\n")
+    print(f"seed {a.seed}")
     print(f"plain: held-out {plain[0]['accuracy']:.3f} -> {final_plain['accuracy']:.3f} in {final_plain['seconds']:.0f}s, "
           f"{final_plain['tokens']:.0f} tokens, {final_plain['step']} steps")
     print(f"best:  held-out {best[0]['accuracy']:.3f} -> {final_best['accuracy']:.3f} in {final_best['seconds']:.0f}s, "
@@ -257,8 +282,7 @@ def main() -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     print(f"noise: the gain's standard error is {gain_error(final_plain, final_best, a.eval_size):.1f} points "
           f"({a.eval_size} held-out questions)")
-    print(f"tokens_ratio={ratio:.2f} accuracy_gain_points={gain:.1f}")
-
+    return ratio, gain
 
 if __name__ == "__main__":
     main()
