@@ -216,6 +216,36 @@ def plot(curves: dict, out: Path, task: str) -> list[Path]:
     return written
 
 
+def summarise(results: list[tuple[float, float]]) -> tuple[float, float]:
+    """Over seeds: the mean token ratio (inf when any seed never reached plain's final) and the mean gain."""
+    ratios, gains = zip(*results)
+    return sum(ratios) / len(ratios), sum(gains) / len(gains)
+
+
+def compare(a, out: Path) -> tuple[float, float]:
+    """Both arms on one seed: curves and points under `out`, the figures printed; (tokens ratio, gain)."""
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    curves = {"plain": run_arm("plain", PLAIN, a, out), "best": run_arm("best", a.best, a, out)}
+    plain, best = curves["plain"], curves["best"]
+    final_plain, final_best = plain[-1], best[-1]
+    hit = first_reaching(best, final_plain["accuracy"])
+    ratio = hit["tokens"] / final_plain["tokens"] if hit and final_plain["tokens"] else float("inf")
+    gain = 100 * (final_best["accuracy"] - final_plain["accuracy"])
+    pngs = plot(curves, out, f"a {a.op} b for a, b in {a.operands[0]}..{a.operands[1]}")
+    (out / "points.json").write_text(json.dumps(curves, indent=2) + "\n")
+    print(f"seed {a.seed}")
+    print(f"plain: held-out {plain[0]['accuracy']:.3f} -> {final_plain['accuracy']:.3f} in {final_plain['seconds']:.0f}s, "
+          f"{final_plain['tokens']:.0f} tokens, {final_plain['step']} steps")
+    print(f"best:  held-out {best[0]['accuracy']:.3f} -> {final_best['accuracy']:.3f} in {final_best['seconds']:.0f}s, "
+          f"{final_best['tokens']:.0f} tokens, {final_best['step']} steps")
+    print(f"curves: {', '.join(str(p) for p in pngs)}; total {time.time() - started:.0f}s, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"noise: the gain's standard error is {gain_error(final_plain, final_best, a.eval_size):.1f} points "
+          f"({a.eval_size} held-out questions)")
+    return ratio, gain
+
+
 def main() -> None:
     print(f"allocator: {allocator.for_benchmark()}", flush=True)  # the toolkit's, inherited by child processes
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -254,35 +284,6 @@ def main() -> None:
     ratio, gain = summarise(results)
     print(f"tokens_ratio={ratio:.2f} accuracy_gain_points={gain:.1f}")
 
-
-def summarise(results: list[tuple[float, float]]) -> tuple[float, float]:
-    """Over seeds: the mean token ratio (inf when any seed never reached plain's final) and the mean gain."""
-    ratios, gains = zip(*results)
-    return sum(ratios) / len(ratios), sum(gains) / len(gains)
-
-
-def compare(a, out: Path) -> tuple[float, float]:
-    """Both arms on one seed: curves and points under `out`, the figures printed; (tokens ratio, gain)."""
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-    curves = {"plain": run_arm("plain", PLAIN, a, out), "best": run_arm("best", a.best, a, out)}
-    plain, best = curves["plain"], curves["best"]
-    final_plain, final_best = plain[-1], best[-1]
-    hit = first_reaching(best, final_plain["accuracy"])
-    ratio = hit["tokens"] / final_plain["tokens"] if hit and final_plain["tokens"] else float("inf")
-    gain = 100 * (final_best["accuracy"] - final_plain["accuracy"])
-    pngs = plot(curves, out, f"a {a.op} b for a, b in {a.operands[0]}..{a.operands[1]}")
-    (out / "points.json").write_text(json.dumps(curves, indent=2) + "\n")
-    print(f"seed {a.seed}")
-    print(f"plain: held-out {plain[0]['accuracy']:.3f} -> {final_plain['accuracy']:.3f} in {final_plain['seconds']:.0f}s, "
-          f"{final_plain['tokens']:.0f} tokens, {final_plain['step']} steps")
-    print(f"best:  held-out {best[0]['accuracy']:.3f} -> {final_best['accuracy']:.3f} in {final_best['seconds']:.0f}s, "
-          f"{final_best['tokens']:.0f} tokens, {final_best['step']} steps")
-    print(f"curves: {', '.join(str(p) for p in pngs)}; total {time.time() - started:.0f}s, "
-          f"load average {os.getloadavg()[0]:.1f}")
-    print(f"noise: the gain's standard error is {gain_error(final_plain, final_best, a.eval_size):.1f} points "
-          f"({a.eval_size} held-out questions)")
-    return ratio, gain
 
 if __name__ == "__main__":
     main()
