@@ -31,6 +31,7 @@ from .fsutil import (
     mark,
     os_errors,
 )
+from .inference import SharedPromptGeneration
 from .models import resolve_model
 from .plan import make_plan, warn_if_not_fit
 from .recipe import Recipe, load_recipe, recipe_to_toml
@@ -507,10 +508,12 @@ def continuous_batching(recipe: Recipe) -> bool:
 def trainer_class():
     """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first), checkpoints staged;
     dynamic sampling (sampling.py) rides on its generation hook; vLLM's importance-sampling correction
-    reuses the loss's forward when that is exact (correction.py)."""
+    reuses the loss's forward when that is exact (correction.py); transformers generation prefills each
+    prompt once for its group (inference.SharedPromptGeneration)."""
     from trl import GRPOTrainer
 
-    return staged_trainer(type("GRPOTrainer", (DynamicSampling, OnPolicyCorrection, GRPOTrainer), {}))
+    mixins = (DynamicSampling, OnPolicyCorrection, SharedPromptGeneration)
+    return staged_trainer(type("GRPOTrainer", (*mixins, GRPOTrainer), {}))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:
