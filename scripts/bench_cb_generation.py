@@ -1,5 +1,5 @@
 """GRPO's generation on CPU without vLLM: TRL's regular path (`model.generate` on a left-padded batch)
-against the toolkit's shared prefill (`inference.generate_sharing_prompts`: each distinct prompt prefilled
+against the toolkit's shared prefill (`shared_prompts.generate_sharing_prompts`: each distinct prompt prefilled
 once, what training uses) and transformers' continuous batching (`model.generate_batch`, what GRPOConfig's
 `use_transformers_continuous_batching=True` calls), on the embedded model, same prompts, sampling as in
 training, each prompt `--generations` times side by side as GRPO lays out a group. Prints completion
@@ -36,7 +36,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
 
-    from lowmem_r1.inference import generate_sharing_prompts
+    from lowmem_r1.shared_prompts import generate_sharing_prompts
     from lowmem_r1.models import resolve_model
 
     path = resolve_model("builtin:smollm2-135m-instruct")
