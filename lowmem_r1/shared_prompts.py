@@ -94,12 +94,13 @@ class SharedPrompts:
     share_prompts: bool = False
     """Set by train.py for the hf backend: Unsloth's models bring their own forward and generate."""
 
-    def _one_process(self) -> bool:
+    def _sharing(self) -> bool:
+        """On for this run (hf backend), in one process."""
         return self.share_prompts and self.args.world_size == 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
-                or not self._one_process() or not _trl_owns(self, SharedPrompts, "_generate_single_turn")):
+                or not self._sharing() or not _trl_owns(self, SharedPrompts, "_generate_single_turn")):
             return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         model = self.accelerator.unwrap_model(self.model_wrapped)
         original, own = model.generate, vars(model).get("generate")
@@ -119,7 +120,7 @@ class SharedPrompts:
         inner = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
         shared = None
         if (width >= 2 and (batch_size or len(input_ids)) >= len(input_ids) and not compute_aux_loss
-                and not any(v is not None for v in multimodal.values()) and self._one_process()
+                and not any(v is not None for v in multimodal.values()) and self._sharing()
                 and not getattr(inner, "is_gradient_checkpointing", False)
                 and _trl_owns(self, SharedPrompts, "_get_per_token_logps_and_entropies")):
             shared = distinct_rows(input_ids[:, :width - 1], attention_mask[:, :width - 1])

@@ -241,6 +241,9 @@ def compare(a, out: Path) -> tuple[float, float]:
           f"{final_best['tokens']:.0f} tokens, {final_best['step']} steps")
     print(f"curves: {', '.join(str(p) for p in pngs)}; total {time.time() - started:.0f}s, "
           f"load average {os.getloadavg()[0]:.1f}")
+    if final_plain["accuracy"] <= plain[0]["accuracy"]:
+        print(f"note: plain ended where it started or below ({plain[0]['accuracy']:.3f} -> {final_plain['accuracy']:.3f}), "
+              f"so reaching its final accuracy takes no training: the token ratio says nothing on this seed")
     print(f"noise: the gain's standard error is {gain_error(final_plain, final_best, a.eval_size):.1f} points "
           f"({a.eval_size} held-out questions)")
     return ratio, gain
