@@ -381,4 +381,3 @@ def _load_vllm(ref: ModelRef, tokenizer) -> Generator:
         kwargs.update(enable_lora=True, max_lora_rank=1 << max(3, (rank - 1).bit_length()))  # vLLM: 8, 16, 32 ...
         lora = LoRARequest("adapter", 1, str(ref.adapter))
     return Generator(ref, tokenizer, None, "vllm", llm=LLM(**kwargs), lora=lora)
-
