@@ -33,6 +33,13 @@ def importance_ratio(trainer_logps, sampling_logps, mask, mode: str, clip_min, c
     return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)
 
 
+def owner_below(trainer, mixin: type, name: str) -> type:
+    """The class that implements `name` for `mixin`'s super() in the trainer's MRO: TRL's own, this toolkit's
+    next mixin, or a patched trainer's (Unsloth's), which the mixins leave alone."""
+    mro = type(trainer).__mro__
+    return next(c for c in mro[mro.index(mixin) + 1:] if name in vars(c))
+
+
 # What this mixin relies on TRL's own code for (or this toolkit's mixins, which keep its contract: shared
 # prompts); a patched trainer (Unsloth's) that replaces any of them keeps TRL's extra forward.
 _TRL_METHODS = ("compute_loss", "_compute_loss", "_get_per_token_logps_and_entropies",
@@ -47,9 +54,7 @@ class OnPolicyCorrection:
             return False
         if self.num_iterations != 1 or self.args.gradient_accumulation_steps % self.args.steps_per_generation:
             return False
-        mro = type(self).__mro__
-        below = mro[mro.index(OnPolicyCorrection) + 1:]
-        owners = [next(c for c in below if name in vars(c)) for name in _TRL_METHODS]
+        owners = [owner_below(self, OnPolicyCorrection, name) for name in _TRL_METHODS]
         return all(c.__module__.startswith(("trl.", "lowmem_r1.")) for c in owners)  # ours keep TRL's contract
 
     def _generate_and_score_completions(self, inputs):

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from .correction import owner_below
+
 
 def distinct_rows(ids, mask):
     """(distinct rows of ids|mask, each row's index among them), or None when no row repeats."""
@@ -81,11 +83,9 @@ def generate_sharing_prompts(generate: Callable, model, input_ids, attention_mas
     return generate(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
 
-def _trl_owns(trainer, cls, name: str) -> bool:
-    """Is the `name` method below `cls` in the trainer's MRO TRL's own (not Unsloth's patched one)?"""
-    mro = type(trainer).__mro__
-    owner = next(c for c in mro[mro.index(cls) + 1:] if name in vars(c))
-    return owner.__module__.startswith("trl.")
+def _trl_owns(trainer, name: str) -> bool:
+    """Is the `name` method below SharedPrompts TRL's own (not a patched trainer's)?"""
+    return owner_below(trainer, SharedPrompts, name).__module__.startswith("trl.")
 
 
 class SharedPrompts:
@@ -96,17 +96,19 @@ class SharedPrompts:
 
     def _sharing(self) -> bool:
         """On for this run (hf backend), in one process."""
-        return self.share_prompts and self.args.world_size == 1 and not (self.is_deepspeed_enabled or self.is_fsdp_enabled)
+        distributed = self.args.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled
+        return self.share_prompts and not distributed
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
         if (self.use_vllm or self.use_transformers_continuous_batching or images is not None or multimodal_fields
-                or not self._sharing() or not _trl_owns(self, SharedPrompts, "_generate_single_turn")):
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+                or not self._sharing() or not _trl_owns(self, "_generate_single_turn")):
+            return super()._generate_single_turn(*args)
         model = self.accelerator.unwrap_model(self.model_wrapped)
         original, own = model.generate, vars(model).get("generate")
         model.generate = lambda **kw: generate_sharing_prompts(original, model, **kw)
         try:  # TRL calls model.generate inside; the wrapper is in place only for this call
-            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
+            return super()._generate_single_turn(*args)
         finally:
             if own is None:
                 del model.generate
@@ -115,6 +117,7 @@ class SharedPrompts:
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
+        args = (model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss)
         width = input_ids.shape[1] - logits_to_keep  # TRL's rows: left-padded prompt, then the completion
         unwrapped = self.accelerator.unwrap_model(model)
         inner = unwrapped.get_base_model() if hasattr(unwrapped, "get_base_model") else unwrapped
@@ -122,25 +125,24 @@ class SharedPrompts:
         if (width >= 2 and (batch_size or len(input_ids)) >= len(input_ids) and not compute_aux_loss
                 and not any(v is not None for v in multimodal.values()) and self._sharing()
                 and not getattr(inner, "is_gradient_checkpointing", False)
-                and _trl_owns(self, SharedPrompts, "_get_per_token_logps_and_entropies")):
+                and _trl_owns(self, "_get_per_token_logps_and_entropies")):
             shared = distinct_rows(input_ids[:, :width - 1], attention_mask[:, :width - 1])
-        if shared is None:
-            return super()._get_per_token_logps_and_entropies(
-                model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
-                **multimodal)
-        ids, mask, rows = shared
-        backbone = inner.base_model  # the decoder stack without the LM head (PEFT's LoRA layers sit inside)
+        cache = None
+        if shared is not None:
+            ids, mask, rows = shared
+            backbone = inner.base_model  # the decoder stack without the LM head (PEFT's LoRA layers sit inside)
+
+            def run(i, m, c):  # positions as TRL's forward numbers them: 0.. from the left edge, pads included
+                backbone(input_ids=i, attention_mask=m, past_key_values=c, use_cache=True)
+
+            with self.accelerator.autocast():
+                cache = prefill(run, inner.config, ids, mask, rows)
+        if cache is None:
+            return super()._get_per_token_logps_and_entropies(*args, **multimodal)
+        tail = input_ids[:, width - 1:]  # the prompt's last token predicts the first completion token
+        labels = tail.masked_fill(attention_mask[:, width - 1:] == 0, -100)
+        labels[:, 0] = -100
         with self.accelerator.autocast():
-            # Positions as TRL's own forward numbers them: 0.. from the left edge, pads included.
-            cache = prefill(lambda i, m, c: backbone(input_ids=i, attention_mask=m, past_key_values=c, use_cache=True),
-                            inner.config, ids, mask, rows)
-            if cache is None:
-                return super()._get_per_token_logps_and_entropies(
-                    model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
-                    **multimodal)
-            tail = input_ids[:, width - 1:]  # the prompt's last token predicts the first completion token
-            labels = tail.masked_fill(attention_mask[:, width - 1:] == 0, -100)
-            labels[:, 0] = -100
             out = model(input_ids=tail, attention_mask=attention_mask, past_key_values=cache, labels=labels,
                         fused_lm_head=True)
         logps = out.log_probs[:, -logits_to_keep:]

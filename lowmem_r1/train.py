@@ -38,8 +38,8 @@ from .reward_guard import RewardFailure, RewardRecorder, guard_rewards
 from .rundir import RunDir, checkpoint_step, checkpoint_world_size, disk_needed, jsonl_rows, staged_trainer
 from .sampling import DynamicSampling
 from .serve import uses_server, wait_for_server
-from .shared_prompts import SharedPrompts
 from .sft import build_trainer as build_sft_trainer
+from .shared_prompts import SharedPrompts
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_KEYS = {"logging", "output", "eval", "description"}

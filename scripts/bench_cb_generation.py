@@ -31,13 +31,16 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
+    for name in ("prompts", "generations", "max_new_tokens", "repeats"):
+        if getattr(a, name) < 1:
+            ap.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least 1")
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
 
-    from lowmem_r1.shared_prompts import generate_sharing_prompts
     from lowmem_r1.models import resolve_model
+    from lowmem_r1.shared_prompts import generate_sharing_prompts
 
     path = resolve_model("builtin:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(path)
@@ -84,6 +87,7 @@ def main() -> None:
               + " ".join(f"{k}={v / rates['regular']:.2f}" for k, v in rates.items() if k != "regular"))
     print(f"shared_ratio={best['shared'] / best['regular']:.2f} continuous_ratio="
           f"{best['continuous'] / best['regular']:.2f} (wall, load {os.getloadavg()[0]:.1f})")
+
 
 if __name__ == "__main__":
     main()

@@ -91,13 +91,15 @@ def test_loss_forward_matches_trl_with_each_prompt_run_once(base_model_dir, one_
     trainer = object.__new__(Trainer)
     trainer.args, trainer.share_prompts = SimpleNamespace(world_size=1), True
     trainer.is_deepspeed_enabled = trainer.is_fsdp_enabled = False
-    trainer.accelerator = SimpleNamespace(autocast=contextlib.nullcontext, unwrap_model=lambda m: m, is_main_process=True)
+    trainer.accelerator = SimpleNamespace(autocast=contextlib.nullcontext, unwrap_model=lambda m: m,
+                                          is_main_process=True)
 
     # 3 prompts (3, 5 and 6 tokens, left-padded) x 3 completions (right-padded, some ended early)
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 5000, (n,), generator=g) for n in (3, 5, 6)]
-    prompt_ids = torch.stack([torch.cat([torch.zeros(6 - len(p), dtype=torch.long), p]) for p in prompts for _ in range(3)])
-    prompt_mask = torch.stack([torch.cat([torch.zeros(6 - len(p)), torch.ones(len(p))]).long() for p in prompts for _ in range(3)])
+    rows = [p for p in prompts for _ in range(3)]
+    prompt_ids = torch.stack([torch.cat([torch.zeros(6 - len(p), dtype=torch.long), p]) for p in rows])
+    prompt_mask = torch.stack([torch.cat([torch.zeros(6 - len(p)), torch.ones(len(p))]).long() for p in rows])
     completion_ids = torch.randint(100, 5000, (9, 5), generator=g)
     completion_mask = torch.ones(9, 5, dtype=torch.long)
     completion_mask[1, 3:] = completion_mask[4, 1:] = completion_mask[8, 4:] = 0
