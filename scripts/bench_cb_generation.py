@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lowmem_r1 import allocator  # noqa: E402
+from lowmem_r1.core import allocator  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -39,8 +40,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
     from transformers.generation import ContinuousBatchingConfig
 
-    from lowmem_r1.models import resolve_model
-    from lowmem_r1.shared_prompts import generate_sharing_prompts
+    from lowmem_r1.generation.shared_prefill import generate_sharing_prompts
+    from lowmem_r1.models.names import resolve_model
 
     path = resolve_model("builtin:smollm2-135m-instruct")
     tok = AutoTokenizer.from_pretrained(path)

@@ -110,7 +110,7 @@ def main() -> None:
     import torch
     from safetensors.torch import load_file
 
-    from lowmem_r1.models import resolve_model
+    from lowmem_r1.models.names import resolve_model
 
     base = Path(resolve_model(opts.model))
     disk = (base / "model.safetensors").stat().st_size

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lowmem_r1 import allocator  # noqa: E402
+from lowmem_r1.core import allocator  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -48,9 +49,9 @@ def main() -> int:
     import torch
     from rich.console import Console
 
-    from lowmem_r1.chat import ChatOptions, Conversation, _one_shot
-    from lowmem_r1.evaluate import generate_all
-    from lowmem_r1.inference import Sampling, load_generator, resolve_ref
+    from lowmem_r1.generation.chat import ChatOptions, Conversation, _one_shot
+    from lowmem_r1.generation.engine import Sampling, load_generator, resolve_ref
+    from lowmem_r1.generation.evaluate import generate_all
 
     gen = load_generator(resolve_ref(args.model), "hf")
     model, tok = gen.model, gen.tokenizer

@@ -21,7 +21,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from lowmem_r1 import allocator  # noqa: E402
+from lowmem_r1.core import allocator  # noqa: E402
 
 CONFIG = dict(steps=6, batch=8, generations=4, completion=16, lr=5e-4, r=8, seed=0)
 
@@ -32,8 +32,8 @@ from datasets import Dataset
 from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
-from lowmem_r1.compat import patch_trl_for_cpu   # TRL 1.15 cannot run GRPO on a CPU without it
-from lowmem_r1.models import resolve_model
+from lowmem_r1.training.grpo.compat import patch_trl_for_cpu  # TRL 1.15 cannot run GRPO on a CPU without it
+from lowmem_r1.models.names import resolve_model
 patch_trl_for_cpu()
 path = resolve_model("builtin:smollm2-135m-instruct")
 rng = random.Random(cfg["seed"])

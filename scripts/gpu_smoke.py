@@ -48,9 +48,9 @@ def backend_overrides(name: str) -> list[str]:
 
 def one(name: str, extra: list[str], out: Path) -> None:
     """Child process: plan + measure for one backend, as JSON."""
-    from lowmem_r1.measure import comparison, measure_recipe
-    from lowmem_r1.plan import GiB, make_plan
-    from lowmem_r1.recipe import load_recipe
+    from lowmem_r1.config.recipe import load_recipe
+    from lowmem_r1.preflight.plan import GiB, make_plan
+    from lowmem_r1.training.measure import comparison, measure_recipe
 
     overrides = backend_overrides(name) + extra
     recipe = load_recipe(RECIPE, overrides)
@@ -88,7 +88,7 @@ def main() -> int:
         print("gpu_smoke: no CUDA device here (this script measures a GPU run); run it on a CUDA machine",
               file=sys.stderr)
         return 2
-    from lowmem_r1.doctor import version_of
+    from lowmem_r1.preflight.doctor import version_of
 
     result = {
         "gpu": torch.cuda.get_device_name(0),

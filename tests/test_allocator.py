@@ -7,12 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1 import allocator, doctor
+from lowmem_r1.core import allocator
+from lowmem_r1.preflight import doctor
 
 REPO = Path(__file__).resolve().parent.parent
 PROBE = """
 import sys
-from lowmem_r1 import allocator
+from lowmem_r1.core import allocator
 allocator.reexec(sys.argv[1:])
 print(allocator.loaded(), allocator.preloaded())
 """

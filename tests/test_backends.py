@@ -10,9 +10,10 @@ import sys
 
 import pytest
 
-from lowmem_r1 import backends
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import recipe_from_dict
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.models import backends
+from lowmem_r1.models.backends.select import select as select_backend
 
 
 def make(model=None, generation=None, **extra):
@@ -53,7 +54,7 @@ def test_auto_picks_unsloth_only_with_cuda_and_unsloth(monkeypatch):
 def test_vllm_on_cpu_is_one_clear_line(cpu, key, section):
     recipe = make(**{section: {key: True}})
     with pytest.raises(UserError) as e:
-        backends.select(recipe)
+        select_backend(recipe)
     msg = str(e.value)
     assert "\n" not in msg
     assert f"{section}.{key}" in msg and "CUDA" in msg and f"--set {section}.{key}=false" in msg
@@ -62,31 +63,31 @@ def test_vllm_on_cpu_is_one_clear_line(cpu, key, section):
 def test_vllm_not_installed_on_gpu(gpu):
     gpu.setattr(backends, "installed", lambda p: p == "bitsandbytes")
     with pytest.raises(UserError, match=r'model.fast_inference: vllm is not installed; pip install "lowmem-r1\[gpu\]"'):
-        backends.select(make(model={"fast_inference": True, "backend": "hf"}))
+        select_backend(make(model={"fast_inference": True, "backend": "hf"}))
 
 
 def test_old_gpu_cannot_run_vllm(gpu):
     gpu.setattr(backends, "compute_capability", lambda: (6, 1))
     with pytest.raises(UserError, match=r"compute capability 6.1.*--set generation.use_vllm=false"):
-        backends.select(make(model={"backend": "hf"}, generation={"use_vllm": True}))
+        select_backend(make(model={"backend": "hf"}, generation={"use_vllm": True}))
 
 
 def test_4bit_without_bitsandbytes(cpu):
     cpu.setattr(backends, "installed", lambda p: False)
     with pytest.raises(UserError, match=r"model.load_in_4bit: bitsandbytes is not installed.*--set model.load_in_4bit=false"):
-        backends.select(make(model={"load_in_4bit": True, "backend": "hf"}))
+        select_backend(make(model={"load_in_4bit": True, "backend": "hf"}))
 
 
 def test_unsloth_asked_for_but_missing(cpu):
     cpu.setattr(backends, "unsloth_installed", lambda: False)
     with pytest.raises(UserError, match=r'unsloth is not installed; pip install "lowmem-r1\[gpu\]", or --set model.backend=hf'):
-        backends.select(make(model={"backend": "unsloth"}))
+        select_backend(make(model={"backend": "unsloth"}))
 
 
 def test_several_problems_name_the_first_and_count_the_rest(cpu):
     cpu.setattr(backends, "installed", lambda p: False)
     with pytest.raises(UserError, match=r"\(\+2 more: run `lowmem-r1 doctor RECIPE`\)$"):
-        backends.select(make(model={"load_in_4bit": True, "fast_inference": True, "backend": "hf"}))
+        select_backend(make(model={"load_in_4bit": True, "fast_inference": True, "backend": "hf"}))
 
 
 def test_unsloth_4bit_with_trl_vllm_is_refused_before_training(gpu):
@@ -101,7 +102,7 @@ def test_hf_on_gpu_falls_back_to_trls_vllm_out_loud(gpu, caplog):
     gpu.setattr(backends, "unsloth_installed", lambda: False)
     recipe = make(model={"fast_inference": True, "load_in_4bit": False})
     with caplog.at_level(logging.WARNING, logger="lowmem_r1"):
-        backend = backends.select(recipe)
+        backend = select_backend(recipe)
     assert backend.name == "hf"
     assert "TRL's colocated vLLM" in caplog.text
 
@@ -119,7 +120,7 @@ def test_unsloth_on_cpu_is_logged_not_silent(cpu):
 
 def test_cpu_recipe_has_no_problems(cpu):
     assert backends.requirements(make()) == []
-    assert backends.select(make()).name == "hf"
+    assert select_backend(make()).name == "hf"
 
 
 def _grpo_fields() -> set[str]:
@@ -135,7 +136,7 @@ def test_hf_on_gpu_uses_trls_colocated_vllm(monkeypatch, tmp_path):
     import torch
     from trl import GRPOConfig
 
-    from lowmem_r1.backends.hf import HFBackend
+    from lowmem_r1.models.backends.hf import HFBackend
 
     real = importlib.util.find_spec
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)

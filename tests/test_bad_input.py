@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from test_new_user import make_model, safetensors_bytes
 
-from lowmem_r1.errors import UserError, printable
-from lowmem_r1.fsutil import (
+from lowmem_r1.core.errors import UserError, printable
+from lowmem_r1.core.fsutil import (
     MARKER,
     atomic_dir,
     atomic_write_text,
@@ -23,7 +23,7 @@ from lowmem_r1.fsutil import (
     is_ours,
     refuse_existing,
 )
-from lowmem_r1.rundir import RunDir, jsonl_rows, read_jsonl
+from lowmem_r1.runs.rundir import RunDir, jsonl_rows, read_jsonl
 
 # 1. --force replaces only an output of the same kind that lowmem-r1 wrote, never an input
 
@@ -75,8 +75,8 @@ def test_force_replaces_only_our_own_output_of_the_same_kind(tmp_path):
 @pytest.mark.parametrize("result", [["1.0", "0.5"], [float("nan"), 1.0], [1.0], 1.0, "10", {"a": 1},
                                     [float("inf"), 0.0], [object(), 1.0]])
 def test_reward_returning_the_wrong_thing_stops_with_one_message(result):
-    from lowmem_r1.recipe_rewards import RecipeRewards, Reward
-    from lowmem_r1.reward_guard import BadRewardValues, RewardFailure, RewardRecorder, _guard, check_values
+    from lowmem_r1.rewards.guard import BadRewardValues, RewardFailure, RewardRecorder, _guard, check_values
+    from lowmem_r1.rewards.recipe_rewards import RecipeRewards, Reward
 
     with pytest.raises(BadRewardValues):
         check_values(result, 2)
@@ -119,7 +119,7 @@ def test_broken_files_and_places_are_one_line(tmp_path):
     ("training.seed=9223372036854775808", "too large"), ("generation.max_completion_length=100000", "max_position_embeddings"),
 ])
 def test_recipe_rejects_what_the_run_would(tmp_path, override, key):
-    from lowmem_r1.recipe import load_recipe
+    from lowmem_r1.config.recipe import load_recipe
 
     make_model(tmp_path / "m", hidden=64)
     recipe = tmp_path / "r.toml"
@@ -143,7 +143,7 @@ def test_torn_lines_anywhere_are_skipped(tmp_path):
 
 
 def test_truncate_logs_and_incomplete_checkpoints(tmp_path):
-    from lowmem_r1.train import truncate_logs
+    from lowmem_r1.training.run import truncate_logs
 
     run = RunDir(tmp_path)
     run.metrics.write_bytes(b'{"step": 1}\n{"step": 2}\n{"step": "x"}\n' + '{"step": 3, "t": "é'.encode()[:-1])
@@ -198,9 +198,9 @@ class _Conv:
 def test_chat_think_toggles_and_ctrl_d_ends_the_line(monkeypatch):
     from rich.console import Console
 
-    from lowmem_r1 import chat
-    from lowmem_r1.chat import ChatOptions, repl
-    from lowmem_r1.inference import Sampling
+    from lowmem_r1.generation import chat
+    from lowmem_r1.generation.chat import ChatOptions, repl
+    from lowmem_r1.generation.engine import Sampling
 
     said = []
     monkeypatch.setattr(chat, "_stream_turn", lambda console, conv, user, opts: said.append(user))

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import recipe_from_dict
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.core.errors import UserError
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "bench_sample_efficiency.py"
 

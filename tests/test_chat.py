@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.chat import (
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.generation.chat import (
     ChatOptions,
     Conversation,
     ReasoningSplitter,
@@ -21,8 +22,14 @@ from lowmem_r1.chat import (
     split_reasoning,
     trained_format,
 )
-from lowmem_r1.errors import UserError
-from lowmem_r1.inference import ModelRef, Sampling, choose_engine, load_generator, newest_model, resolve_ref
+from lowmem_r1.generation.engine import (
+    ModelRef,
+    Sampling,
+    choose_engine,
+    load_generator,
+    newest_model,
+    resolve_ref,
+)
 
 GREEDY = Sampling(temperature=0.0, max_new_tokens=10)
 REPO = Path(__file__).resolve().parent.parent
@@ -243,7 +250,7 @@ def test_compare_shows_base_and_tuned_side_by_side(lora_run_dir, answers, monkey
 
 def test_cli_one_shot_on_gguf_prints_only_the_answer(answers, tmp_path):
     """`lowmem-r1 chat FILE.gguf --prompt` in a subprocess: stdout is the answer and nothing else."""
-    from lowmem_r1.models import builtin_gguf_path
+    from lowmem_r1.models.names import builtin_gguf_path
 
     gguf = builtin_gguf_path("builtin:smollm2-135m-instruct")
     cmd = [sys.executable, "-m", "lowmem_r1.cli", "chat", str(gguf), "--prompt", "What is 3 + 5?",

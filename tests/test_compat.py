@@ -2,7 +2,7 @@
 
 import torch
 
-from lowmem_r1.compat import TorchChunkedLogProb, patch_trl_for_cpu
+from lowmem_r1.training.grpo.compat import TorchChunkedLogProb, patch_trl_for_cpu
 
 
 def test_matches_plain_log_softmax_with_temperature_softcap_and_grad():

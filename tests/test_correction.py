@@ -1,4 +1,4 @@
-"""vLLM's importance-sampling correction from the loss's own forward (correction.py): the same ratio, loss
+"""vLLM's importance-sampling correction from the loss's own forward (training/grpo/correction.py): the same ratio, loss
 and metrics as TRL's extra no-grad forward, one forward fewer; TRL's path wherever that is not exact."""
 
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from lowmem_r1.correction import OnPolicyCorrection, importance_ratio
+from lowmem_r1.training.grpo.correction import OnPolicyCorrection, importance_ratio
 
 NAN = float("nan")
 
@@ -38,7 +38,7 @@ def trainer(base_model_dir, tmp_path_factory):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import GRPOConfig, GRPOTrainer
 
-    from lowmem_r1.compat import patch_trl_for_cpu
+    from lowmem_r1.training.grpo.compat import patch_trl_for_cpu
 
     patch_trl_for_cpu()  # what train() does on a CPU
     tok = AutoTokenizer.from_pretrained(base_model_dir)

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.core.errors import UserError
 from lowmem_r1.data import TASKS, answer_format, gold_completion, load_splits
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import recipe_from_dict
 from lowmem_r1.rewards import build
 
 

@@ -118,8 +118,8 @@ def test_cli_writes_puzzles_and_keeps_existing_files(tmp_path):
 
 @pytest.mark.parametrize("bad", [{"ops": ["^"]}, {"n": 0}, {"min_numbers": 5, "max_numbers": 4}])
 def test_bad_generator_parameters_are_user_errors(bad):
+    from lowmem_r1.core.errors import UserError
     from lowmem_r1.data.generators import generate
-    from lowmem_r1.errors import UserError
 
     with pytest.raises(UserError):
         generate("builtin:countdown", bad, 0)

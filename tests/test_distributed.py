@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from lowmem_r1 import launch
-from lowmem_r1.callbacks import MetricsLog
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import DistributedSection, load_recipe, recipe_from_dict
-from lowmem_r1.rundir import RunDir, checkpoint_problem, checkpoint_world_size, read_jsonl
+from lowmem_r1.config.recipe import DistributedSection, load_recipe, recipe_from_dict
+from lowmem_r1.core import distributed
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.runs.rundir import RunDir, checkpoint_problem, checkpoint_world_size, read_jsonl
+from lowmem_r1.training import launch
+from lowmem_r1.training.callbacks import MetricsLog
 
 REPO = Path(__file__).resolve().parent.parent
 DEMO = REPO / "recipes" / "demo.toml"
@@ -50,13 +51,13 @@ def rank1(monkeypatch):
 
 def test_batch_divisibility_depends_on_the_world_size():
     r = recipe(training={"per_device_train_batch_size": 2, "num_generations": 4}, distributed={"nproc": 2})
-    assert launch.batch_problem(r.training, 2) is None  # 2 x 2 processes = 4: one group of 4
-    msg = launch.batch_problem(r.training, 1)
+    assert distributed.batch_problem(r.training, 2) is None  # 2 x 2 processes = 4: one group of 4
+    msg = distributed.batch_problem(r.training, 1)
     assert "= 2 completions per step" in msg and "valid num_generations: 2;" in msg and "a multiple of 4" in msg
-    msg = launch.batch_problem(r.training, 3)  # 6 completions: groups of 2, 3 or 6
+    msg = distributed.batch_problem(r.training, 3)  # 6 completions: groups of 2, 3 or 6
     assert "x 3 processes = 6" in msg and "valid num_generations: 2, 3, 6" in msg and "a multiple of 4 (4, 8, 12" in msg
     r = recipe(training={"per_device_train_batch_size": 8, "num_generations": 8})
-    msg = launch.batch_problem(r.training.model_copy(update={"per_device_train_batch_size": 2}), 2)
+    msg = distributed.batch_problem(r.training.model_copy(update={"per_device_train_batch_size": 2}), 2)
     assert "= 4 completions" in msg and "valid num_generations: 2, 4;" in msg and "a multiple of 4 (4, 8" in msg
 
 
@@ -73,7 +74,7 @@ def test_batch_check_agrees_with_trl():
     """Where TRL 1.15's GRPOConfig (one process) refuses the batch, batch_problem does, and only there."""
     from trl import GRPOConfig
 
-    from lowmem_r1.recipe import TrainingSection
+    from lowmem_r1.config.recipe import TrainingSection
 
     for per_device, accumulation, generations in [(4, 1, 4), (6, 1, 4), (2, 2, 4), (3, 1, 2), (8, 3, 6), (5, 1, 5)]:
         training = TrainingSection(per_device_train_batch_size=per_device, gradient_accumulation_steps=accumulation,
@@ -84,7 +85,7 @@ def test_batch_check_agrees_with_trl():
             trl_refuses = False
         except ValueError:
             trl_refuses = True
-        assert (launch.batch_problem(training, 1) is not None) == trl_refuses, (per_device, accumulation, generations)
+        assert (distributed.batch_problem(training, 1) is not None) == trl_refuses, (per_device, accumulation, generations)
 
 
 # --- refused combinations ------------------------------------------------------------------------------
@@ -125,7 +126,7 @@ def test_quant_storage_reaches_bitsandbytes_config():
     pytest.importorskip("bitsandbytes")
     import torch
 
-    from lowmem_r1.precision import nf4_config
+    from lowmem_r1.models.precision import nf4_config
 
     assert nf4_config(torch.bfloat16, "bfloat16").bnb_4bit_quant_storage == torch.bfloat16
     assert nf4_config(torch.bfloat16).bnb_4bit_quant_storage == torch.uint8
@@ -218,16 +219,16 @@ def test_shipped_accelerate_configs_match_accelerate():
 
 
 def test_world_from_the_launcher_environment(rank1):
-    w = launch.world()
+    w = distributed.world()
     assert (w.rank, w.local_rank, w.size, w.main) == (1, 1, 2, False)
-    assert launch.under_launcher()
+    assert distributed.under_launcher()
 
 
 def test_a_non_main_rank_writes_no_metrics_completions_or_run_json(tmp_path, rank1):
     from types import SimpleNamespace
 
-    from lowmem_r1.reward_guard import RewardRecorder, guard_rewards
-    from lowmem_r1.train import RunStatus
+    from lowmem_r1.rewards.guard import RewardRecorder, guard_rewards
+    from lowmem_r1.training.run import RunStatus
 
     r = recipe()
     run = RunDir(tmp_path)
@@ -244,7 +245,7 @@ def test_a_non_main_rank_writes_no_metrics_completions_or_run_json(tmp_path, ran
 def test_the_main_rank_writes_them(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from lowmem_r1.reward_guard import RewardRecorder, guard_rewards
+    from lowmem_r1.rewards.guard import RewardRecorder, guard_rewards
 
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -258,7 +259,7 @@ def test_the_main_rank_writes_them(tmp_path, monkeypatch):
 
 
 def test_a_non_main_rank_prints_nothing(capsys):
-    from lowmem_r1.progress import make_console
+    from lowmem_r1.training.progress import make_console
 
     make_console(quiet=True).print("step 1/2")
     assert capsys.readouterr().out == ""
@@ -267,7 +268,7 @@ def test_a_non_main_rank_prints_nothing(capsys):
 def test_fault_rank_limits_a_fault_to_one_rank(monkeypatch, rank1):
     import signal
 
-    from lowmem_r1.faults import maybe_fault
+    from lowmem_r1.core.faults import maybe_fault
 
     got = []
     previous = signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
@@ -298,7 +299,7 @@ def test_checkpoint_needs_every_ranks_rng_state(tmp_path):
     (ckpt / "rng_state_0.pth").write_bytes(b"x")
     assert checkpoint_problem(ckpt) is None and checkpoint_world_size(ckpt) == 2
 
-    from lowmem_r1.train import world_size_change
+    from lowmem_r1.training.run import world_size_change
 
     line = world_size_change(recipe(training={"per_device_train_batch_size": 8, "num_generations": 4}), ckpt, 1)
     assert "written by 2 process(es), this run has 1" in line and "from step 4" in line
@@ -328,8 +329,8 @@ RANK_SCRIPT = '''
 import sys
 from pathlib import Path
 
-from lowmem_r1.recipe import load_recipe
-from lowmem_r1.train import Start, train
+from lowmem_r1.config.recipe import load_recipe
+from lowmem_r1.training.run import Start, train
 
 
 class SaveEachRank:

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1 import doctor as D
-from lowmem_r1.recipe import recipe_from_dict
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.preflight import doctor as D
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -61,7 +61,7 @@ def test_missing_gpu_extras_are_red_only_when_the_recipe_needs_them(monkeypatch)
     real = D.version_of
     monkeypatch.setattr(D, "version_of", lambda p: None if p in ("unsloth", "unsloth_zoo") else real(p))
     assert statuses(D.run_checks(), "unsloth") == [D.INFO]
-    from lowmem_r1 import backends
+    from lowmem_r1.models import backends
 
     monkeypatch.setattr(backends, "unsloth_installed", lambda: False)
     recipe = recipe_from_dict({"rewards": [{"name": "brevity"}], "model": {"backend": "unsloth"}}, check_rewards=False)

@@ -1,5 +1,5 @@
 """eval: strict/lenient accuracy, pass@k and majority vote on hand-written completions; real runs on a
-few GSM8K rows from ../shared and on a run directory with --baseline."""
+few GSM8K rows (when the full set lies beside the repository) and on a run directory with --baseline."""
 
 from __future__ import annotations
 
@@ -8,8 +8,10 @@ import shutil
 
 import pytest
 
-from lowmem_r1.errors import UserError
-from lowmem_r1.evaluate import (
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.generation.engine import Completion
+from lowmem_r1.generation.evaluate import (
     EvalSettings,
     correctness_rewards,
     evaluate,
@@ -17,8 +19,6 @@ from lowmem_r1.evaluate import (
     resolve_target,
     score,
 )
-from lowmem_r1.inference import Completion
-from lowmem_r1.recipe import recipe_from_dict
 
 
 def gsm8k_rows(gsm8k_dir, n):

@@ -22,10 +22,11 @@ def _local_imports(name: str) -> set[str]:
     """Sibling modules `name` imports anywhere in its source (top level or inside functions)."""
     found = set()
     for node in ast.walk(ast.parse((PKG_DIR / f"{name}.py").read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            if node.module:
-                found.add(node.module.split(".")[0])
-            else:  # from . import x
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("lowmem_r1.export"):
+            rest = node.module[len("lowmem_r1.export"):].lstrip(".")
+            if rest:
+                found.add(rest.split(".")[0])
+            else:  # from lowmem_r1.export import x
                 found.update(a.name for a in node.names)
     return found & set(MODULES)
 

@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.errors import UserError
-
+from lowmem_r1.core.errors import UserError
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

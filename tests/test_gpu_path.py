@@ -13,11 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem_r1 import backends, doctor, inference, precision
-from lowmem_r1.backends import unsloth as ub
-from lowmem_r1.backends.hf import HFBackend
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import recipe_from_dict
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.generation import engine as inference
+from lowmem_r1.models import backends, precision
+from lowmem_r1.models.backends import unsloth as ub
+from lowmem_r1.models.backends.hf import HFBackend
+from lowmem_r1.models.backends.select import select as select_backend
+from lowmem_r1.preflight import doctor
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -75,13 +78,13 @@ def test_every_combination_runs_or_is_refused_with_its_fix(monkeypatch, case, bf
     refusal = EXPECTED[case]
     if refusal is not None:
         with pytest.raises(UserError) as e:
-            backends.select(recipe)
+            select_backend(recipe)
         msg = str(e.value)
         assert refusal in msg and "\n" not in msg, msg
         if refusal == HF_4BIT:  # the three ways out
             assert 'pip install "lowmem-r1[gpu]"' in msg and "--set generation.use_vllm=false" in msg
         return
-    chosen = backends.select(recipe)
+    chosen = select_backend(recipe)
     out = chosen.grpo_overrides(recipe)
     if not cuda:
         assert out.get("use_cpu") is True
@@ -180,7 +183,7 @@ def test_select_imports_unsloth_before_touching_cuda(monkeypatch):
     order = []
     monkeypatch.setattr(backends, "compute_capability", lambda: order.append("cuda") or (8, 6))
     monkeypatch.setattr(ub.UnslothBackend, "prepare", lambda self: order.append("unsloth"))
-    backends.select(make("auto", four_bit=True, vllm=True))
+    select_backend(make("auto", four_bit=True, vllm=True))
     assert order and order[0] == "unsloth"
 
 
@@ -193,7 +196,7 @@ def test_hf_path_bounds_vllms_context(monkeypatch):
 
 def test_gsm8k_follows_unsloths_current_notebook():
     """nb/Qwen2.5_(3B)-GRPO.ipynb: UNSLOTH_VLLM_STANDBY=1 and gpu_memory_utilization = 0.9."""
-    from lowmem_r1.recipe import load_recipe
+    from lowmem_r1.config.recipe import load_recipe
 
     m = load_recipe(REPO / "recipes" / "gsm8k.toml").model
     assert m.vllm_standby and m.gpu_memory_utilization == 0.9

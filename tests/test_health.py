@@ -8,9 +8,9 @@ from pathlib import Path
 
 from rich.console import Console
 
-from lowmem_r1 import health
-from lowmem_r1.recipe import recipe_from_dict, recipe_to_toml
-from lowmem_r1.rundir import RunDir
+from lowmem_r1.config.recipe import recipe_from_dict, recipe_to_toml
+from lowmem_r1.runs import health
+from lowmem_r1.runs.rundir import RunDir
 
 RECIPE = {
     "name": "h",
@@ -66,7 +66,7 @@ def test_signal_rows_show_vllm_correction_only_when_logged():
 
 
 def test_live_display_prints_signals_and_warnings(tmp_path):
-    from lowmem_r1.progress import TrainingDisplay
+    from lowmem_r1.training.progress import TrainingDisplay
 
     out = io.StringIO()
     recipe = recipe_from_dict(RECIPE)
@@ -83,7 +83,7 @@ def test_live_display_prints_signals_and_warnings(tmp_path):
 
 
 def test_report_shows_signals_and_warnings(tmp_path):
-    from lowmem_r1.report import report
+    from lowmem_r1.runs.report import report
 
     run = tmp_path / "run"
     run.mkdir()

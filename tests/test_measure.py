@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1 import measure as M
-from lowmem_r1 import plan as P
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import load_recipe
+from lowmem_r1.config.recipe import load_recipe
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.preflight import plan as P
+from lowmem_r1.training import measure as M
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 64, "intermediate_size": 128,

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from lowmem_r1.errors import UserError
-from lowmem_r1.models import builtin_gguf_path, is_hub_id, resolve_model
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.models.names import builtin_gguf_path, is_hub_id, resolve_model
 
 
 def test_builtin_alias_is_a_plain_trainable_folder(base_model_dir):

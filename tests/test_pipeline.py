@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.errors import UserError
-from lowmem_r1.pipeline import load_pipeline
-from lowmem_r1.rundir import RunDir, read_jsonl
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.pipeline.multistage import load_pipeline
+from lowmem_r1.runs.rundir import RunDir, read_jsonl
 
 BASE = """
 name = "two"
@@ -193,6 +193,6 @@ def test_bundled_pipelines_dry_run(name):
         if s.recipe.data.source.endswith("samples.jsonl"):  # stage:<name> became that stage's output file
             assert Path(s.recipe.data.source).parent.name in [x.name for x in p.stages if x.kind == "sample"]
     with pytest.raises(UserError, match="multi-stage recipe"):  # single-stage commands say what to do
-        from lowmem_r1.recipe import load_recipe
+        from lowmem_r1.config.recipe import load_recipe
 
         load_recipe(path)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1 import plan as P
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import load_recipe, recipe_from_dict
+from lowmem_r1.config.recipe import load_recipe, recipe_from_dict
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.preflight import plan as P
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,14 +21,14 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture(autouse=True)
 def planning_machine(monkeypatch):
     """Plan as from a machine without a GPU but with unsloth installed (so `auto` plans unsloth)."""
-    from lowmem_r1 import backends
+    from lowmem_r1.models import backends
 
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
     monkeypatch.setattr(backends, "unsloth_installed", lambda: True)
 
 
 def _single_stage_recipes():
-    from lowmem_r1.pipeline import is_pipeline_file
+    from lowmem_r1.pipeline.multistage import is_pipeline_file
 
     return sorted(p for p in (REPO / "recipes").glob("*.toml") if not is_pipeline_file(p))  # one stage each
 
@@ -157,7 +157,7 @@ def test_standby_share_follows_unsloth_tiers():
 
 
 def test_warn_if_not_fit_only_on_a_gpu(monkeypatch):
-    from lowmem_r1 import backends
+    from lowmem_r1.models import backends
 
     r = recipe_from_dict({"rewards": [{"name": "brevity"}],
                           "model": {"name": "Qwen/Qwen2.5-3B-Instruct", "backend": "hf"},

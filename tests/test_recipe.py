@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.errors import UserError
-from lowmem_r1.pipeline import is_pipeline_file
-from lowmem_r1.recipe import apply_override, load_recipe, recipe_from_dict, recipe_to_toml
+from lowmem_r1.config.recipe import apply_override, load_recipe, recipe_from_dict, recipe_to_toml
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.pipeline.multistage import is_pipeline_file
 
 REPO = Path(__file__).resolve().parent.parent
 MIN = {"rewards": [{"name": "answer_match"}]}
@@ -140,7 +140,7 @@ def test_cli_dry_run_prints_numbers_fast(tmp_path):
     assert "prompts per optimizer step" in out.stdout and "7" in out.stdout
     # nothing heavy imported for a dry run
     probe = subprocess.run(
-        [sys.executable, "-c", "import sys; from lowmem_r1.cli import app; from lowmem_r1.recipe import load_recipe;"
+        [sys.executable, "-c", "import sys; from lowmem_r1.cli import app; from lowmem_r1.config.recipe import load_recipe;"
          "load_recipe('recipes/demo.toml'); print(sorted(m for m in ('torch','trl','transformers','datasets','peft')"
          " if m in sys.modules))"], capture_output=True, text=True, cwd=REPO)
     assert probe.stdout.strip() == "[]", probe.stdout + probe.stderr

@@ -10,9 +10,9 @@ import pytest
 from typer.testing import CliRunner
 
 from lowmem_r1.cli import app
+from lowmem_r1.config.recipe import load_recipe
 from lowmem_r1.data import gold_completion, load_splits
-from lowmem_r1.pipeline import is_pipeline_file
-from lowmem_r1.recipe import load_recipe
+from lowmem_r1.pipeline.multistage import is_pipeline_file
 from lowmem_r1.rewards import REGISTRY, build
 
 RECIPES = sorted(p for p in (Path(__file__).resolve().parent.parent / "recipes").glob("*.toml")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.errors import UserError
-from lowmem_r1.report import report, samples, summarize
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.runs.report import report, samples, summarize
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,5 +1,5 @@
 """Training that survives: Ctrl-C, kill -9 at exact moments (mid-generation, mid-optimizer-step,
-mid-checkpoint-save), then --resume. Faults are injected with LOWMEM_R1_FAULT (lowmem_r1/faults.py)."""
+mid-checkpoint-save), then --resume. Faults are injected with LOWMEM_R1_FAULT (lowmem_r1/core/faults.py)."""
 
 import json
 import os
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.recipe import recipe_from_dict, recipe_to_toml
-from lowmem_r1.rundir import RunDir, read_jsonl
+from lowmem_r1.config.recipe import recipe_from_dict, recipe_to_toml
+from lowmem_r1.runs.rundir import RunDir, read_jsonl
 
 STEPS = 4
 

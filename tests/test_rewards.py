@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from lowmem_r1 import rewards
-from lowmem_r1.errors import UserError
+from lowmem_r1.core.errors import UserError
 from lowmem_r1.rewards.extract import (
     assistant_prefix,
     completion_text,
@@ -106,8 +106,8 @@ def test_user_reward_from_file(tmp_path):
 
 def test_user_reward_file_is_imported_once(tmp_path):
     """Validation, rewards score/check and the trainer all load the reward: the user's file runs once."""
-    from lowmem_r1.recipe import recipe_from_dict
-    from lowmem_r1.recipe_rewards import RecipeRewards
+    from lowmem_r1.config.recipe import recipe_from_dict
+    from lowmem_r1.rewards.recipe_rewards import RecipeRewards
 
     log = tmp_path / "imports.log"
     f = tmp_path / "counted.py"
@@ -637,8 +637,8 @@ def test_boxed_format_r1_distilled_shape():
 
 
 def test_recipe_rewards_names_policy_and_total(tmp_path):
-    from lowmem_r1.recipe import recipe_from_dict
-    from lowmem_r1.recipe_rewards import RecipeRewards, RewardError
+    from lowmem_r1.config.recipe import recipe_from_dict
+    from lowmem_r1.rewards.recipe_rewards import RecipeRewards, RewardError
 
     f = tmp_path / "bad.py"
     f.write_text("def explode(prompts, completions, **kw):\n    return [1 / 0 for _ in completions]\n"

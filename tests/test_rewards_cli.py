@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from lowmem_r1.cli import app
-from lowmem_r1.recipe import load_recipe
-from lowmem_r1.reward_debug import check_gold, score_completion
+from lowmem_r1.config.recipe import load_recipe
+from lowmem_r1.preflight.rewards_check import check_gold, score_completion
 from lowmem_r1.rewards import REGISTRY
 
 REPO = Path(__file__).resolve().parent.parent
@@ -111,8 +111,8 @@ def test_check_countdown_recipe_with_assistant_prefix(base_model_dir):
 
 
 def test_read_completion(tmp_path):
-    from lowmem_r1.errors import UserError
-    from lowmem_r1.reward_debug import parse_columns, read_completion
+    from lowmem_r1.core.errors import UserError
+    from lowmem_r1.preflight.rewards_check import parse_columns, read_completion
 
     assert (
         read_completion("<think>a</think>\\n<answer>苹果</answer>", None)

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.recipe import recipe_from_dict, recipe_to_toml
-from lowmem_r1.rundir import read_jsonl
+from lowmem_r1.config.recipe import recipe_from_dict, recipe_to_toml
+from lowmem_r1.runs.rundir import read_jsonl
 
 MODEL = "builtin:smollm2-135m-instruct"
 
@@ -29,7 +29,7 @@ def recipe_dict() -> dict:
 
 @pytest.fixture(scope="module")
 def sampled(tmp_path_factory, base_model_dir):
-    from lowmem_r1.sample import SampleSettings, sample
+    from lowmem_r1.generation.rejection import SampleSettings, sample
 
     out = tmp_path_factory.mktemp("sample") / "out"
     s = SampleSettings(k=4, keep=2, limit=6, temperature=1.0, batch_size=24, grpo_prompts=True)
@@ -72,7 +72,7 @@ def test_pass_rates_and_grpo_prompts(sampled):
 def test_rerun_skips_done_prompts_and_refilters(sampled, monkeypatch):
     """A rerun generates nothing for prompts already sampled (the model is not even loaded) and applies
     the new filter to the saved scores."""
-    import lowmem_r1.sample as sample_mod
+    import lowmem_r1.generation.rejection as sample_mod
 
     out, result, s = sampled
     monkeypatch.setattr(sample_mod, "load_generator", lambda *a, **k: pytest.fail("generated again"))
@@ -95,8 +95,8 @@ def test_filter_that_keeps_nothing_writes_nothing(tmp_path, base_model_dir):
 
 
 def test_out_folder_not_ours_is_refused(tmp_path):
-    from lowmem_r1.errors import UserError
-    from lowmem_r1.sample import SampleSettings, sample
+    from lowmem_r1.core.errors import UserError
+    from lowmem_r1.generation.rejection import SampleSettings, sample
 
     out = tmp_path / "mine"
     out.mkdir()
@@ -110,7 +110,7 @@ def test_sft_stage_trains_on_samples_rows(sampled):
     """samples.jsonl is SFT data as it is: messages rows, split at the assistant turn."""
     from datasets import Dataset
 
-    from lowmem_r1.sft import to_prompt_completion
+    from lowmem_r1.data.sft import to_prompt_completion
 
     out, _, _ = sampled
     raw = Dataset.from_list(read_jsonl(out / "samples.jsonl"))
@@ -121,8 +121,8 @@ def test_sft_stage_trains_on_samples_rows(sampled):
 
 
 def test_a_model_that_cannot_resolve_leaves_no_output_folder(tmp_path):
-    from lowmem_r1.errors import UserError
-    from lowmem_r1.sample import SampleSettings, sample
+    from lowmem_r1.core.errors import UserError
+    from lowmem_r1.generation.rejection import SampleSettings, sample
 
     out = tmp_path / "samples"
     with pytest.raises(UserError, match="nonexistent"):

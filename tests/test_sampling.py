@@ -1,4 +1,4 @@
-"""Dynamic sampling (sampling.py) on a stand-in for TRL's generation hook, and the GRPO controls' recipe checks."""
+"""Dynamic sampling (training/grpo/dynamic_sampling.py) on a stand-in for TRL's generation hook, and the GRPO controls' recipe checks."""
 
 from collections import defaultdict
 from types import SimpleNamespace
@@ -6,9 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import recipe_from_dict
-from lowmem_r1.sampling import DynamicSampling, groups_with_signal, merge_batches, refill_indices
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.training.grpo.dynamic_sampling import (
+    DynamicSampling,
+    groups_with_signal,
+    merge_batches,
+    refill_indices,
+)
 
 G = 2
 
@@ -195,8 +200,8 @@ def test_grpo_controls_reach_trl_config(tmp_path):
     """Every control is a real GRPOConfig field with the recipe's value (both backends share grpo_kwargs)."""
     from trl import GRPOConfig
 
-    from lowmem_r1.rundir import RunDir
-    from lowmem_r1.train import grpo_kwargs
+    from lowmem_r1.runs.rundir import RunDir
+    from lowmem_r1.training.run import grpo_kwargs
 
     r = recipe_from_dict(controls(epsilon_high=0.28, delta=1.6, importance_sampling_level="sequence",
                                   top_entropy_quantile=0.2, multi_objective_aggregation="normalize_then_sum",
@@ -227,8 +232,8 @@ def test_refill_trains_on_cpu_and_resumes_exactly(tmp_path, base_model_dir):
     after step 1 and resumed ends with the same adapter as one that was not."""
     from safetensors.torch import load_file
 
-    from lowmem_r1.recipe import recipe_to_toml
-    from lowmem_r1.rundir import read_jsonl
+    from lowmem_r1.config.recipe import recipe_to_toml
+    from lowmem_r1.runs.rundir import read_jsonl
 
     def recipe(run):
         cfg = {**controls(dynamic_sampling="refill", max_refill_draws=2, epsilon_high=0.28, max_steps=3,
@@ -267,7 +272,7 @@ def test_refill_trains_on_cpu_and_resumes_exactly(tmp_path, base_model_dir):
 def test_continuous_batching_setting_resolves_and_never_applies_with_vllm(monkeypatch):
     import torch
 
-    from lowmem_r1.train import continuous_batching
+    from lowmem_r1.training.run import continuous_batching
 
     def r(value, **generation):
         return recipe_from_dict({**controls(), "generation": {"continuous_batching": value, **generation}})

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1 import backends, serve
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import recipe_from_dict
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.generation import serve
+from lowmem_r1.models import backends
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = "builtin:smollm2-135m-instruct"
@@ -68,7 +69,7 @@ def test_the_command_is_trls_vllm_serve_filled_from_the_recipe(base_model_dir):
     argv, env = serve.server_command(recipe, s)
     assert env == {"VLLM_SERVER_DEV_MODE": "1", "CUDA_VISIBLE_DEVICES": "2,3"}
     assert argv[1:4] == ["-m", "vllm.entrypoints.cli.main", "serve"]
-    assert argv[4] == str(base_model_dir)  # the builtin, resolved through models.py
+    assert argv[4] == str(base_model_dir)  # the builtin, resolved through models/names.py
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2"
     assert argv[argv.index("--weight-transfer-config") + 1] == '{"backend": "nccl"}'  # TRL's weight sync
     assert argv[argv.index("--served-model-name") + 1] == MODEL
@@ -248,7 +249,7 @@ def test_an_unhealthy_server_is_waited_for_then_refused(fake_server):
 
 def test_train_says_nothing_listening_first_and_leaves_no_run_dir(tmp_path):
     """On this CPU, server mode is also refused for its NCCL weight sync; the missing server is said first."""
-    from lowmem_r1.train import train
+    from lowmem_r1.training.run import train
 
     port = free_port()
     recipe = make(port=port, timeout=0.2, output={"dir": str(tmp_path / "run")})
@@ -258,7 +259,7 @@ def test_train_says_nothing_listening_first_and_leaves_no_run_dir(tmp_path):
 
 
 def test_train_with_a_server_up_on_cpu_reaches_the_nccl_refusal(fake_server, tmp_path, cpu):
-    from lowmem_r1.train import train
+    from lowmem_r1.training.run import train
 
     recipe = make(port=fake_server(vllm_routes()), output={"dir": str(tmp_path / "run")})
     with pytest.raises(UserError, match="generation.use_vllm: vLLM on this CPU"):
@@ -275,7 +276,7 @@ def _grpo_fields() -> set[str]:
 def test_server_keys_reach_grpoconfig_in_both_backends():
     import torch
 
-    from lowmem_r1.backends.unsloth import gpu_grpo_overrides
+    from lowmem_r1.models.backends.unsloth import gpu_grpo_overrides
 
     recipe = make(port=8123, timeout=30, generation={"vllm_server_host": "10.0.0.5"})
     want = {"vllm_server_host": "10.0.0.5", "vllm_server_port": 8123, "vllm_server_timeout": 30.0}
@@ -290,7 +291,7 @@ def test_server_keys_reach_grpoconfig_in_both_backends():
 def test_hf_backend_passes_the_server(monkeypatch):
     import torch
 
-    from lowmem_r1.backends.hf import HFBackend
+    from lowmem_r1.models.backends.hf import HFBackend
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     out = HFBackend().grpo_overrides(make(port=8124))

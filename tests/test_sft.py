@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import recipe_from_dict
-from lowmem_r1.rundir import RunDir, read_jsonl
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.runs.rundir import RunDir, read_jsonl
 
 
 def sft_recipe(run_dir: Path, **data) -> dict:
@@ -31,7 +31,7 @@ def sft_recipe(run_dir: Path, **data) -> dict:
 
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory, base_model_dir):
-    from lowmem_r1.train import train
+    from lowmem_r1.training.run import train
 
     run = tmp_path_factory.mktemp("sft") / "run"
     assert train(recipe_from_dict(sft_recipe(run))) == 0
@@ -41,10 +41,10 @@ def sft_run(tmp_path_factory, base_model_dir):
 def test_prompt_tokens_are_masked_and_the_completion_is_the_gold_answer(base_model_dir, tmp_path):
     """The chat template has no {% generation %} markers, so SFT uses prompt-completion rows: TRL labels
     every prompt token -100 and learns exactly the gold answer plus the end-of-turn token."""
-    from lowmem_r1.backends.hf import HFBackend
     from lowmem_r1.data import gold_completion, load_splits
-    from lowmem_r1.rundir import RunDir as RD
-    from lowmem_r1.sft import build_trainer
+    from lowmem_r1.models.backends.hf import HFBackend
+    from lowmem_r1.runs.rundir import RunDir as RD
+    from lowmem_r1.training.sft import build_trainer
 
     recipe = recipe_from_dict(sft_recipe(tmp_path / "r"))
     model, tok = HFBackend().load(recipe)
@@ -67,8 +67,8 @@ def test_prompt_tokens_are_masked_and_the_completion_is_the_gold_answer(base_mod
 
 
 def test_examples_longer_than_max_seq_length_are_dropped_not_cut(base_model_dir, tmp_path):
-    from lowmem_r1.backends.hf import load_tokenizer
-    from lowmem_r1.sft import drop_long, load_sft_splits
+    from lowmem_r1.data.sft import drop_long, load_sft_splits
+    from lowmem_r1.models.backends.hf import load_tokenizer
 
     recipe = recipe_from_dict(sft_recipe(tmp_path / "r"))
     tok = load_tokenizer(str(base_model_dir))
@@ -90,8 +90,8 @@ def test_sft_run_directory(sft_run):
 
 
 def test_eval_and_report_work_on_an_sft_run(sft_run):
-    from lowmem_r1.evaluate import EvalSettings, evaluate
-    from lowmem_r1.report import report
+    from lowmem_r1.generation.evaluate import EvalSettings, evaluate
+    from lowmem_r1.runs.report import report
 
     results = evaluate(str(sft_run.path), EvalSettings(limit=2, max_new_tokens=16))
     assert results["prompts"] == 2 and results["adapter"]
@@ -103,7 +103,7 @@ def test_eval_and_report_work_on_an_sft_run(sft_run):
 
 @pytest.mark.slow
 def test_sft_resume_continues_from_the_checkpoint(tmp_path, base_model_dir):
-    from lowmem_r1.train import Start, train
+    from lowmem_r1.training.run import Start, train
 
     run = tmp_path / "run"
     cfg = sft_recipe(run)
@@ -136,7 +136,7 @@ def test_unusable_sft_data_fails_at_dry_run(tmp_path, rows, message):
 
 
 def test_messages_rows_split_at_the_last_assistant_turn():
-    from lowmem_r1.sft import split_messages
+    from lowmem_r1.data.sft import split_messages
 
     conv = [{"from": "system", "value": "s"}, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]
     out = split_messages(conv, "row 0")

@@ -1,4 +1,4 @@
-"""Each prompt of a GRPO group run once (shared_prompts.py): generation gives the same tokens as plain
+"""Each prompt of a GRPO group run once (training/grpo/shared_prompts.py): generation gives the same tokens as plain
 `generate`, the loss forward the same log probs, entropies and gradients as TRL's, and a real GRPO step
 goes through both."""
 
@@ -7,9 +7,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from lowmem_r1 import shared_prompts
-from lowmem_r1.recipe import recipe_from_dict
-from lowmem_r1.shared_prompts import SharedPrompts, generate_sharing_prompts
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.generation.shared_prefill import generate_sharing_prompts
+from lowmem_r1.generation import shared_prefill
+from lowmem_r1.training.grpo import shared_prompts
+from lowmem_r1.training.grpo.shared_prompts import SharedPrompts
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +79,7 @@ def test_loss_forward_matches_trl_with_each_prompt_run_once(base_model_dir, one_
     from trl import GRPOTrainer
     from trl.trainer.utils import add_fused_lm_head
 
-    from lowmem_r1.compat import patch_trl_for_cpu
+    from lowmem_r1.training.grpo.compat import patch_trl_for_cpu
 
     patch_trl_for_cpu()  # TRL's fused head runs a Triton kernel; training swaps in the torch one on a CPU
     base = AutoModelForCausalLM.from_pretrained(base_model_dir)
@@ -132,7 +134,7 @@ def test_a_grpo_step_runs_each_prompt_once_in_generation_and_in_the_loss(tmp_pat
     forward both go through the shared prefill (without grad, then with)."""
     import torch
 
-    from lowmem_r1.train import train
+    from lowmem_r1.training.run import train
 
     seen = []
     real = shared_prompts.prefill
@@ -141,7 +143,8 @@ def test_a_grpo_step_runs_each_prompt_once_in_generation_and_in_the_loss(tmp_pat
         seen.append((torch.is_grad_enabled(), len(ids), len(rows)))
         return real(run, config, ids, mask, rows)
 
-    monkeypatch.setattr(shared_prompts, "prefill", recording)
+    monkeypatch.setattr(shared_prefill, "prefill", recording)  # generation
+    monkeypatch.setattr(shared_prompts, "prefill", recording)  # the loss forward
     recipe = recipe_from_dict({
         "name": "shared", "model": {"name": "builtin:smollm2-135m-instruct", "backend": "hf"},
         "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},

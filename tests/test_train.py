@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from lowmem_r1.errors import UserError
-from lowmem_r1.recipe import recipe_from_dict
-from lowmem_r1.rundir import RunDir, read_jsonl
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.runs.rundir import RunDir, read_jsonl
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,7 @@ def tiny(run_dir: Path, **training) -> dict:
 
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory, base_model_dir):
-    from lowmem_r1.train import train
+    from lowmem_r1.training.run import train
 
     run = tmp_path_factory.mktemp("train") / "tiny"
     code = train(recipe_from_dict(tiny(run)))
@@ -86,7 +86,7 @@ def test_adapter_changes_the_model(trained_run, base_model_dir):
 
 
 def test_existing_run_is_kept_without_force(trained_run):
-    from lowmem_r1.train import Start, prepare_run_dir
+    from lowmem_r1.training.run import Start, prepare_run_dir
 
     recipe = recipe_from_dict(tiny(trained_run.path))
     with pytest.raises(UserError, match="--resume") as e:
@@ -96,7 +96,7 @@ def test_existing_run_is_kept_without_force(trained_run):
 
 
 def test_resume_refuses_changed_recipe(trained_run):
-    from lowmem_r1.train import Start, prepare_run_dir
+    from lowmem_r1.training.run import Start, prepare_run_dir
 
     changed = recipe_from_dict(tiny(trained_run.path, learning_rate=5e-4))
     with pytest.raises(UserError, match="training.learning_rate"):
@@ -104,7 +104,7 @@ def test_resume_refuses_changed_recipe(trained_run):
 
 
 def test_resume_with_nothing_to_resume(tmp_path):
-    from lowmem_r1.train import Start, prepare_run_dir
+    from lowmem_r1.training.run import Start, prepare_run_dir
 
     with pytest.raises(UserError, match="no run to resume"):
         prepare_run_dir(recipe_from_dict(tiny(tmp_path / "none")), Start("resume", tmp_path / "none"))
@@ -118,7 +118,7 @@ def test_failing_user_reward_stops_cleanly(tmp_path, base_model_dir):
     cfg = tiny(run, max_steps=1)
     cfg["rewards"].append({"name": f"{bad}:explode"})
     recipe_file = tmp_path / "r.toml"
-    from lowmem_r1.recipe import recipe_to_toml
+    from lowmem_r1.config.recipe import recipe_to_toml
 
     recipe_file.write_text(recipe_to_toml(recipe_from_dict(cfg)))
     out = subprocess.run([sys.executable, "-m", "lowmem_r1.cli", "train", str(recipe_file)],
@@ -146,7 +146,7 @@ def test_failing_user_reward_stops_cleanly(tmp_path, base_model_dir):
 def test_out_of_memory_advice_names_the_settings_to_lower():
     import torch
 
-    from lowmem_r1.train import _is_out_of_memory, out_of_memory_advice, resume_command
+    from lowmem_r1.training.run import _is_out_of_memory, out_of_memory_advice, resume_command
 
     assert _is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
     assert not _is_out_of_memory(ValueError("x"))
@@ -158,7 +158,7 @@ def test_out_of_memory_advice_names_the_settings_to_lower():
 
 
 def test_a_start_that_failed_before_training_does_not_block_the_next(tmp_path):
-    from lowmem_r1.train import Start, prepare_run_dir
+    from lowmem_r1.training.run import Start, prepare_run_dir
 
     recipe = recipe_from_dict(tiny(tmp_path / "r"))
     prepare_run_dir(recipe, Start.new(recipe))  # e.g. then the data path turned out wrong

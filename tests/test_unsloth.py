@@ -5,7 +5,7 @@
    not on a user's first GPU run.
 2. Unsloth's CPU backend really loads the embedded model through UnslothBackend (fast, subprocess:
    `import unsloth` patches libraries process-wide), and a slow test trains two GRPO steps through
-   `lowmem_r1.train`, saves the adapter and a merged_16bit copy with Unsloth's save_pretrained_merged.
+   `lowmem_r1.training.run`, saves the adapter and a merged_16bit copy with Unsloth's save_pretrained_merged.
 """
 
 from __future__ import annotations
@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from lowmem_r1.backends import unsloth as ub
-from lowmem_r1.recipe import recipe_from_dict
+from lowmem_r1.config.recipe import recipe_from_dict
+from lowmem_r1.models.backends import unsloth as ub
+from lowmem_r1.models.backends.select import select as select_backend
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("unsloth") is None or importlib.util.find_spec("unsloth_zoo") is None,
@@ -141,7 +142,7 @@ def test_grpo_overrides_are_grpoconfig_fields(raw, bf16, tmp_path):
         assert out["use_vllm"] and out["vllm_mode"] == "colocate"
         assert out["vllm_gpu_memory_utilization"] == r.model.gpu_memory_utilization
         assert out["vllm_enable_sleep_mode"] is r.model.vllm_standby
-    assert "optim" not in out  # the recipe's training.optim decides (train.py passes it)
+    assert "optim" not in out  # the recipe's training.optim decides (training/run.py passes it)
     if not bf16:  # GRPOConfig validates bf16 against the device, fp16 it accepts here: check the values
         config = GRPOConfig(output_dir=str(tmp_path), **out)
         assert config.fp16 and config.use_vllm == out.get("use_vllm", False)
@@ -150,15 +151,15 @@ def test_grpo_overrides_are_grpoconfig_fields(raw, bf16, tmp_path):
 COLOCATE_SCRIPT = r"""
 import json, sys
 import datasets
-from lowmem_r1.recipe import recipe_from_dict
+from lowmem_r1.config.recipe import recipe_from_dict
 r = recipe_from_dict({"model": {"name": "builtin:smollm2-135m-instruct", "backend": "unsloth", "max_seq_length": 128},
                       "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                       "rewards": [{"name": "brevity"}]})
-from lowmem_r1 import backends
-b = backends.select(r)
+from lowmem_r1.models.backends.select import select as select_backend
+b = select_backend(r)
 model, tok = b.load(r)
 import trl
-from lowmem_r1.train import trainer_class
+from lowmem_r1.training.run import trainer_class
 cls = trainer_class()
 cfg = trl.GRPOConfig(output_dir=sys.argv[1], use_vllm=False, per_device_train_batch_size=2, num_generations=2,
                      max_steps=1)
@@ -175,7 +176,7 @@ print(json.dumps({"bases": [c.__module__ for c in cls.__mro__[1:3]], "use_vllm":
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="Unsloth patches TRL's trainer on CUDA only")
 def test_unsloths_trainer_reuses_the_models_vllm_engine(base_model_dir, tmp_path):
-    """On a GPU, train.py's trainer is Unsloth's GRPOTrainer (looked up after select()), which switches a
+    """On a GPU, training/run.py's trainer is Unsloth's GRPOTrainer (looked up after select()), which switches a
     model that carries a vLLM engine (fast_inference) to colocated vLLM generation."""
     out = run_script(COLOCATE_SCRIPT, str(tmp_path))
     assert any("unsloth" in m.lower() for m in out["bases"]), out
@@ -185,7 +186,7 @@ def test_unsloths_trainer_reuses_the_models_vllm_engine(base_model_dir, tmp_path
 def test_train_imports_trl_only_inside_functions():
     """Unsloth rebinds trl.GRPOTrainer / GRPOConfig on import; a module-level `from trl import ...` in the
     trainer would keep TRL's unpatched classes."""
-    from lowmem_r1 import train as train_mod
+    from lowmem_r1.training import run as train_mod
 
     tree = ast.parse(Path(train_mod.__file__).read_text(encoding="utf-8"))
     top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
@@ -198,8 +199,8 @@ def test_train_lets_backend_overrides_reach_grpoconfig(tmp_path):
     backend's, not a TypeError on the first GPU run."""
     from types import SimpleNamespace
 
-    from lowmem_r1 import train as train_mod
-    from lowmem_r1.rundir import RunDir
+    from lowmem_r1.runs.rundir import RunDir
+    from lowmem_r1.training import run as train_mod
 
     r = recipe(GPU_RECIPES[1])  # fp16 below: GRPOConfig refuses bf16 on a machine without it
     overrides = {**ub.gpu_grpo_overrides(r, torch.float16), "optim": "adamw_torch", "logging_steps": 3}
@@ -215,15 +216,15 @@ def test_train_lets_backend_overrides_reach_grpoconfig(tmp_path):
 
 LOAD_SCRIPT = r"""
 import json, sys
-from lowmem_r1.recipe import recipe_from_dict
+from lowmem_r1.config.recipe import recipe_from_dict
 r = recipe_from_dict({"model": {"name": "builtin:smollm2-135m-instruct", "backend": "unsloth", "max_seq_length": 128,
                                 "vllm_standby": True},
                       "lora": {"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
                       "rewards": [{"name": "brevity"}]})
-import lowmem_r1.train, lowmem_r1.plan  # what `lowmem-r1 train` imports before choosing the backend
+import lowmem_r1.training.run, lowmem_r1.preflight.plan  # what `lowmem-r1 train` imports before choosing the backend
 early = [m for m in ("trl", "transformers", "peft") if m in sys.modules]
-from lowmem_r1 import backends
-b = backends.select(r)
+from lowmem_r1.models.backends.select import select as select_backend
+b = select_backend(r)
 model, tok = b.load(r)
 from trl import GRPOConfig
 cfg = GRPOConfig(output_dir=sys.argv[1], optim="adamw_8bit", **b.grpo_overrides(r))
@@ -260,7 +261,7 @@ TRAIN_SCRIPT = r"""
 import json, sys
 from pathlib import Path
 import torch
-from lowmem_r1.recipe import recipe_from_dict
+from lowmem_r1.config.recipe import recipe_from_dict
 out = Path(sys.argv[1])
 r = recipe_from_dict({
     "name": "unsloth-cpu", "model": {"name": "builtin:smollm2-135m-instruct", "backend": "unsloth", "max_seq_length": 128},
@@ -273,9 +274,9 @@ r = recipe_from_dict({
     "logging": {"sample_every": 0},
     "output": {"dir": str(out / "run")},
 })
-from lowmem_r1 import backends
-backend = backends.select(r)
-from lowmem_r1.train import train
+from lowmem_r1.models.backends.select import select as select_backend
+backend = select_backend(r)
+from lowmem_r1.training.run import train
 code = train(r)
 run = out / "run"
 info = json.loads((run / "run.json").read_text())
@@ -287,7 +288,7 @@ model, tok = FastLanguageModel.from_pretrained(model_name=str(run / "adapter"), 
 model.save_pretrained_merged(str(out / "merged"), tok, save_method="merged_16bit")
 from transformers import AutoModelForCausalLM
 from peft import PeftModel
-from lowmem_r1.models import resolve_model
+from lowmem_r1.models.names import resolve_model
 base_path = resolve_model("builtin:smollm2-135m-instruct")
 merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype="auto")
 merged_dtype = str(merged.dtype)
@@ -300,7 +301,7 @@ with torch.no_grad():
     a = reference(input_ids=ids).logits.float()
     b = merged.float()(input_ids=ids).logits.float()
     # What `chat` / `eval` load with the unsloth engine: the run's adapter on its base, inference mode.
-    from lowmem_r1.inference import load_generator, resolve_ref
+    from lowmem_r1.generation.engine import load_generator, resolve_ref
     d = load_generator(resolve_ref(str(run)), "unsloth").model(input_ids=ids).logits.float()
 name = "model.layers.0.self_attn.q_proj.weight"
 delta = (merged.state_dict()[name].float() - AutoModelForCausalLM.from_pretrained(base_path).state_dict()[name]).abs().max().item()

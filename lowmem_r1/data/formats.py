@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 
-from ..errors import UserError
-from .tasks import get_task
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.data.tasks import get_task
 
 SYSTEM_PRESETS: dict[str, str] = {
     # DeepSeek-R1 paper, Table 1 (the R1-Zero training template), as a system prompt.

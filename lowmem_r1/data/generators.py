@@ -15,8 +15,8 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..fsutil import atomic_write_text, refuse_existing
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.core.fsutil import atomic_write_text, refuse_existing
 
 ARITHMETIC_DEFAULTS: dict[str, Any] = {"n": 1000, "seed": None, "min_operand": 1, "max_operand": 9, "ops": ["+"]}
 COUNTDOWN_DEFAULTS: dict[str, Any] = {

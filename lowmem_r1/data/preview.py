@@ -10,10 +10,10 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-from ..errors import UserError
-from ..models import resolve_model
-from .formats import answer_format, gold_completion
-from .splits import prepare, prompt_lengths, prompt_texts
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.data.formats import answer_format, gold_completion
+from lowmem_r1.data.splits import prepare, prompt_lengths, prompt_texts
+from lowmem_r1.models.names import resolve_model
 
 
 def describe_value(value: Any, width: int = 160) -> str:

@@ -10,8 +10,8 @@ import json
 from itertools import islice
 from pathlib import Path
 
-from ..errors import UserError
-from .generators import generate
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.data.generators import generate
 
 FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 

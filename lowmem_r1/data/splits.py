@@ -14,10 +14,10 @@ from __future__ import annotations
 import logging
 from typing import Any, NamedTuple
 
-from ..errors import UserError
-from .formats import build_messages, check_template, fill_template
-from .sources import load_file, load_source
-from .tasks import get_task
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.data.formats import build_messages, check_template, fill_template
+from lowmem_r1.data.sources import load_file, load_source
+from lowmem_r1.data.tasks import get_task
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,9 @@ import ast
 import re
 from typing import Callable
 
-from ..errors import UserError
-from ..rewards.extract import last_boxed
-from .generators import solve_countdown
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.data.generators import solve_countdown
+from lowmem_r1.rewards.extract import last_boxed
 
 
 class Task:

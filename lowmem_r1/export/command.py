@@ -13,15 +13,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from ..fsutil import atomic_dir, check_free_space, refuse_existing
-from . import gguf as gguf_export
-from .gguf_plan import LLAMA_QUANTIZE_TYPES, estimate_size, parse_types
-from .merge_lora import Lora, MergeReport, copy_model_files, merge_weights, read_adapter
-from .ollama import model_name, write_modelfile
-from .parity import ParityReport, ReferenceOutputs, verify_merge
-from .safetensors_io import checkpoint_shards
-from .source import (
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.core.fsutil import atomic_dir, check_free_space, refuse_existing
+from lowmem_r1.export import gguf as gguf_export
+from lowmem_r1.export.gguf_plan import LLAMA_QUANTIZE_TYPES, estimate_size, parse_types
+from lowmem_r1.export.merge_lora import Lora, MergeReport, copy_model_files, merge_weights, read_adapter
+from lowmem_r1.export.ollama import model_name, write_modelfile
+from lowmem_r1.export.parity import ParityReport, ReferenceOutputs, verify_merge
+from lowmem_r1.export.safetensors_io import checkpoint_shards
+from lowmem_r1.export.source import (
     MergeSource,
     check_base,
     check_dtype,

@@ -21,12 +21,19 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from ..errors import UserError
-from .gguf_metadata import chat_template, model_metadata, rope_metadata, vocab_metadata
-from .gguf_plan import LLAMA_QUANTIZE_TYPES, announce, llama_quantize, parse_types, plan_tensors, read_spec
-from .gguf_stream import write_tensors
-from .parity import ReferenceOutputs, check_setup, probe_outputs
-from .safetensors_io import one_torch_thread
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.export.gguf_metadata import chat_template, model_metadata, rope_metadata, vocab_metadata
+from lowmem_r1.export.gguf_plan import (
+    LLAMA_QUANTIZE_TYPES,
+    announce,
+    llama_quantize,
+    parse_types,
+    plan_tensors,
+    read_spec,
+)
+from lowmem_r1.export.gguf_stream import write_tensors
+from lowmem_r1.export.parity import ReferenceOutputs, check_setup, probe_outputs
+from lowmem_r1.export.safetensors_io import one_torch_thread
 
 # Max |logit diff| vs the merged model, and the share of probe positions whose top token must agree.
 GGUF_TOL = {"f32": (1e-3, 1.0), "f16": (0.5, 0.95), "bf16": (1.5, 0.9), "q8_0": (2.0, 0.9)}
@@ -79,7 +86,9 @@ def _write(model_dir: Path, out_path: Path, qtype: str, log, name: str | None) -
     """The file itself; also returns the tensor types it should hold, for the read-back check."""
     import gguf
 
-    from .gguf_writer import GGUFWriter  # imports gguf at its top: loaded here, not with this module
+    from lowmem_r1.export.gguf_writer import (
+        GGUFWriter,  # imports gguf at its top: loaded here, not with this module
+    )
 
     t0 = time.perf_counter()
     cfg, spec = read_spec(model_dir)

@@ -11,8 +11,8 @@ import json
 import math
 from pathlib import Path
 
-from ..errors import UserError
-from .gguf_plan import FILE_TYPES, ModelSpec
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.export.gguf_plan import FILE_TYPES, ModelSpec
 
 # llama.cpp names the BPE pre-tokenizer by hashing the token ids of this text (its
 # convert_hf_to_gguf_update.py); the hashes of the tokenizers this toolkit trains are listed here.

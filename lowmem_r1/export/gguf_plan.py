@@ -18,8 +18,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from .safetensors_io import checkpoint_shards, file_order, read_header
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.export.safetensors_io import checkpoint_shards, file_order, read_header
 
 # Written in pure Python (gguf's quantizers reproduce ggml's reference rounding for these).
 PURE_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0",

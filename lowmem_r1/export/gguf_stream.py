@@ -6,9 +6,9 @@ from __future__ import annotations
 import mmap
 from itertools import groupby
 
-from ..errors import UserError
-from .gguf_plan import PlannedTensor, TensorPlan
-from .safetensors_io import ST_DTYPES
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.export.gguf_plan import PlannedTensor, TensorPlan
+from lowmem_r1.export.safetensors_io import ST_DTYPES
 
 # Source bytes converted per piece: small enough that a chunk is still in the CPU cache between being
 # read, converted and written (SmolLM2's 538 MB to F16: 0.15 s, against 0.26 s a whole tensor at a time).

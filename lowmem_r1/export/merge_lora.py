@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NamedTuple
 
-from ..errors import UserError
-from .safetensors_io import (
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.export.safetensors_io import (
     TORCH_TO_ST,
     ShardWriter,
     checkpoint_shards,

@@ -13,8 +13,8 @@ import json
 import re
 from pathlib import Path
 
-from ..errors import UserError
-from ..fsutil import atomic_write_text
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.core.fsutil import atomic_write_text
 
 CHATML = """{{- range .Messages }}<|im_start|>{{ .Role }}
 {{ .Content }}<|im_end|>

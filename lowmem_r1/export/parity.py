@@ -14,7 +14,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
-from .safetensors_io import checkpoint_shards, count_params, one_torch_thread
+from lowmem_r1.export.safetensors_io import checkpoint_shards, count_params, one_torch_thread
 
 PROBES = (
     "What is 3 + 5?",

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from functools import partial
 from pathlib import Path
 
-from ..errors import UserError
+from lowmem_r1.core.errors import UserError
 
 ST_DTYPES = {  # safetensors dtype -> (torch dtype name, bytes per element)
     "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),

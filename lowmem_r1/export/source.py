@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import UserError
-from ..models import is_hub_id, resolve_model
-from ..rundir import find_trained, newest_run
+from lowmem_r1.core.errors import UserError
+from lowmem_r1.models.names import is_hub_id, resolve_model
+from lowmem_r1.runs.rundir import find_trained, newest_run
 
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 

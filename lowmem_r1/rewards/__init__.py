@@ -7,5 +7,5 @@
 Importing this package is cheap: math-verify and friends load inside the rewards that need them.
 """
 
-from . import library as _library  # noqa: F401  (registers the builtin rewards)
-from .registry import REGISTRY, REQUIRED, RewardFunc, RewardSpec, build, check, register  # noqa: F401
+from lowmem_r1.rewards import library as _library  # noqa: F401  (registers the builtin rewards)
+from lowmem_r1.rewards.registry import REGISTRY, REQUIRED, RewardFunc, RewardSpec, build, check, register  # noqa: F401

@@ -5,10 +5,17 @@ from __future__ import annotations
 import math
 import re
 
-from .extract import (
-    EXTRACT_MODES, answer_tag, answers_equal, batch, column, extract_answer, last_boxed, parse_number,
+from lowmem_r1.rewards.extract import (
+    EXTRACT_MODES,
+    answer_tag,
+    answers_equal,
+    batch,
+    column,
+    extract_answer,
+    last_boxed,
+    parse_number,
 )
-from .registry import register
+from lowmem_r1.rewards.registry import register
 
 _INTEGER = re.compile(r"[-+]?(?:[0-9]{1,3}(?:,[0-9]{3})+|[0-9]+)")
 

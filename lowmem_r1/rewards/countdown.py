@@ -10,8 +10,8 @@ from __future__ import annotations
 import re
 from fractions import Fraction
 
-from .extract import answer_tag, batch, column
-from .registry import register
+from lowmem_r1.rewards.extract import answer_tag, batch, column
+from lowmem_r1.rewards.registry import register
 
 MAX_EQUATION_CHARS = 200
 MAX_DEPTH = 50

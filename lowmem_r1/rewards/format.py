@@ -9,8 +9,8 @@ quadratically on texts full of tags.
 
 from __future__ import annotations
 
-from .extract import batch, last_boxed
-from .registry import register
+from lowmem_r1.rewards.extract import batch, last_boxed
+from lowmem_r1.rewards.registry import register
 
 
 def _shape(text: str, first: str, second: str, newlines: bool) -> bool:

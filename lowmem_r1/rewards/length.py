@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import math
 
-from .extract import batch, column, token_lengths
-from .math_equivalence import _timeout, score_batch
-from .registry import register
+from lowmem_r1.rewards.extract import batch, column, token_lengths
+from lowmem_r1.rewards.math_equivalence import _timeout, score_batch
+from lowmem_r1.rewards.registry import register
 
 
 @register(

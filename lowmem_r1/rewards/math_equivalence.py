@@ -23,8 +23,8 @@ import threading
 from fractions import Fraction
 from typing import Any
 
-from .extract import MAX_ANSWER_CHARS, answer_tag, batch, column, last_boxed
-from .registry import register
+from lowmem_r1.rewards.extract import MAX_ANSWER_CHARS, answer_tag, batch, column, last_boxed
+from lowmem_r1.rewards.registry import register
 
 TAIL_CHARS = 1000
 """Without a \\boxed{} or <answer> tag, math-verify reads only this many final characters."""

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import UserError
+from lowmem_r1.core.errors import UserError
 
 RewardFunc = Callable[..., list]
 

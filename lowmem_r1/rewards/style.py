@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from .extract import batch, prompt_text
-from .registry import register
+from lowmem_r1.rewards.extract import batch, prompt_text
+from lowmem_r1.rewards.registry import register
 
 MAX_STYLE_CHARS = 100_000
 """Style is judged on the first this-many characters: a longer text changes the score little and

@@ -1,0 +1,1 @@
+"""The recipe: one pydantic schema, validated whole before anything heavy is imported."""

@@ -1,0 +1,2 @@
+"""Generation from a trained (or any) model: engines, shared prefill, eval, chat, rejection sampling,
+and TRL's vLLM server."""
