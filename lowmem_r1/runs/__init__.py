@@ -1,0 +1,1 @@
+"""Run directories and what is read back from them: checkpoints, status, training health, reports."""
