@@ -90,7 +90,7 @@ def child(args) -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     started = time.perf_counter()
     from lowmem_r1.config.recipe import load_recipe
-    from lowmem_r1.training import run as T
+    from lowmem_r1.training.grpo import stage as T
 
     length, vllm = args.length, args.mode.startswith("vllm")
     kwargs = T.grpo_kwargs

@@ -1,6 +1,7 @@
 """Dynamic sampling (training/grpo/dynamic_sampling.py) on a stand-in for TRL's generation hook, and the GRPO controls' recipe checks."""
 
 from collections import defaultdict
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
@@ -14,8 +15,15 @@ from lowmem_r1.training.grpo.dynamic_sampling import (
     merge_batches,
     refill_indices,
 )
+from lowmem_r1.training.grpo.settings import GRPOExtensions
 
 G = 2
+
+
+@dataclass
+class Args(GRPOExtensions):  # the fields of LowmemGRPOConfig the mixin reads
+    seed: int = 0
+    steps_per_generation: int = 1
 
 
 class FakeGRPO:
@@ -45,10 +53,10 @@ class FakeGRPO:
 
 class Trainer(DynamicSampling, FakeGRPO):
     def __init__(self, mode, draws=4, steps_per_generation=1, step=0, seed=0):
-        self.dynamic_sampling, self.max_refill_draws = mode, draws
         self.num_generations = G
         self.model = SimpleNamespace(training=True)
-        self.args = SimpleNamespace(seed=seed, steps_per_generation=steps_per_generation)
+        self.args = Args(seed=seed, steps_per_generation=steps_per_generation, dynamic_sampling=mode,
+                         max_refill_draws=draws)
         self.state = SimpleNamespace(global_step=step)
         self.train_dataset = [{"prompt": f"p{i}", "i": i} for i in range(100)]
         self._metrics = {"train": defaultdict(list)}
@@ -139,11 +147,11 @@ def test_one_reward_can_decide_which_groups_have_signal():
     out = t._generate_and_score_completions(batch([1, 2, 4, 8]))
     assert out["prompt_ids"][:, -1].tolist() == [1, 1, 2, 2, 4, 4, 8, 8]  # by the total, every group
     t = ScoredTrainer("skip")
-    t.signal_reward = 0
+    t.args.signal_reward = 0
     out = t._generate_and_score_completions(batch([1, 2, 4, 8]))
     assert out["prompt_ids"][:, -1].tolist() == [4, 4, 8, 8]  # partial credit alone keeps no group
     t = ScoredTrainer("refill", step=2)
-    t.signal_reward = 0
+    t.args.signal_reward = 0
     out = t._generate_and_score_completions(batch([1, 2, 4, 8]))
     assert len(t.calls) >= 2 and all(i % 4 == 0 for i in out["prompt_ids"][:, -1].tolist())
     nan = float("nan")
@@ -198,15 +206,15 @@ def test_grpo_controls_validate():
 
 def test_grpo_controls_reach_trl_config(tmp_path):
     """Every control is a real GRPOConfig field with the recipe's value (both backends share grpo_kwargs)."""
-    from trl import GRPOConfig
 
     from lowmem_r1.runs.rundir import RunDir
-    from lowmem_r1.training.run import grpo_kwargs
+    from lowmem_r1.training.grpo.stage import grpo_kwargs
+    from lowmem_r1.training.grpo.trainer import config_class
 
     r = recipe_from_dict(controls(epsilon_high=0.28, delta=1.6, importance_sampling_level="sequence",
                                   top_entropy_quantile=0.2, multi_objective_aggregation="normalize_then_sum",
                                   mask_truncated_completions=True, per_device_train_batch_size=8))
-    config = GRPOConfig(**grpo_kwargs(r, RunDir(tmp_path), [1.0]), use_cpu=True)
+    config = config_class()(**grpo_kwargs(r, RunDir(tmp_path), [1.0]), use_cpu=True)
     assert (config.epsilon_high, config.delta, config.importance_sampling_level) == (0.28, 1.6, "sequence")
     assert config.top_entropy_quantile == 0.2 and config.multi_objective_aggregation == "normalize_then_sum"
     assert config.mask_truncated_completions and config.vllm_importance_sampling_correction
@@ -272,7 +280,7 @@ def test_refill_trains_on_cpu_and_resumes_exactly(tmp_path, base_model_dir):
 def test_continuous_batching_setting_resolves_and_never_applies_with_vllm(monkeypatch):
     import torch
 
-    from lowmem_r1.training.run import continuous_batching
+    from lowmem_r1.training.grpo.stage import continuous_batching
 
     def r(value, **generation):
         return recipe_from_dict({**controls(), "generation": {"continuous_batching": value, **generation}})

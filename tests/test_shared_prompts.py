@@ -3,15 +3,22 @@
 goes through both."""
 
 import contextlib
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import pytest
 
 from lowmem_r1.config.recipe import recipe_from_dict
-from lowmem_r1.generation.shared_prefill import generate_sharing_prompts
 from lowmem_r1.generation import shared_prefill
+from lowmem_r1.generation.shared_prefill import generate_sharing_prompts
 from lowmem_r1.training.grpo import shared_prompts
+from lowmem_r1.training.grpo.settings import GRPOExtensions
 from lowmem_r1.training.grpo.shared_prompts import SharedPrompts
+
+
+@dataclass
+class Args(GRPOExtensions):  # what SharedPrompts reads of LowmemGRPOConfig
+    world_size: int = 1
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +98,7 @@ def test_loss_forward_matches_trl_with_each_prompt_run_once(base_model_dir, one_
         pass
 
     trainer = object.__new__(Trainer)
-    trainer.args, trainer.share_prompts = SimpleNamespace(world_size=1), True
+    trainer.args = Args(share_prompts=True)
     trainer.is_deepspeed_enabled = trainer.is_fsdp_enabled = False
     trainer.accelerator = SimpleNamespace(autocast=contextlib.nullcontext, unwrap_model=lambda m: m,
                                           is_main_process=True)

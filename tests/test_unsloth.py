@@ -24,7 +24,6 @@ import torch
 
 from lowmem_r1.config.recipe import recipe_from_dict
 from lowmem_r1.models.backends import unsloth as ub
-from lowmem_r1.models.backends.select import select as select_backend
 
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("unsloth") is None or importlib.util.find_spec("unsloth_zoo") is None,
@@ -159,7 +158,7 @@ from lowmem_r1.models.backends.select import select as select_backend
 b = select_backend(r)
 model, tok = b.load(r)
 import trl
-from lowmem_r1.training.run import trainer_class
+from lowmem_r1.training.grpo.trainer import trainer_class
 cls = trainer_class()
 cfg = trl.GRPOConfig(output_dir=sys.argv[1], use_vllm=False, per_device_train_batch_size=2, num_generations=2,
                      max_steps=1)
@@ -187,11 +186,13 @@ def test_train_imports_trl_only_inside_functions():
     """Unsloth rebinds trl.GRPOTrainer / GRPOConfig on import; a module-level `from trl import ...` in the
     trainer would keep TRL's unpatched classes."""
     from lowmem_r1.training import run as train_mod
+    from lowmem_r1.training.grpo import stage, trainer
 
-    tree = ast.parse(Path(train_mod.__file__).read_text(encoding="utf-8"))
-    top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
-    names = [getattr(n, "module", None) or n.names[0].name for n in top]
-    assert not [m for m in names if m and m.split(".")[0] in ("trl", "transformers", "peft", "unsloth")]
+    for module in (train_mod, stage, trainer):
+        tree = ast.parse(Path(module.__file__).read_text(encoding="utf-8"))
+        top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [getattr(n, "module", None) or n.names[0].name for n in top]
+        assert not [m for m in names if m and m.split(".")[0] in ("trl", "transformers", "peft", "unsloth")]
 
 
 def test_train_lets_backend_overrides_reach_grpoconfig(tmp_path):
@@ -200,12 +201,13 @@ def test_train_lets_backend_overrides_reach_grpoconfig(tmp_path):
     from types import SimpleNamespace
 
     from lowmem_r1.runs.rundir import RunDir
-    from lowmem_r1.training import run as train_mod
+    from lowmem_r1.training.grpo import stage as grpo_stage
 
     r = recipe(GPU_RECIPES[1])  # fp16 below: GRPOConfig refuses bf16 on a machine without it
     overrides = {**ub.gpu_grpo_overrides(r, torch.float16), "optim": "adamw_torch", "logging_steps": 3}
     assert r.training.optim != "adamw_torch"
-    config = train_mod.grpo_config(r, RunDir(tmp_path), [1.0], SimpleNamespace(grpo_overrides=lambda _: overrides))
+    backend = SimpleNamespace(name="unsloth", grpo_overrides=lambda _: overrides)
+    config = grpo_stage.grpo_config(r, RunDir(tmp_path), [1.0], backend)
     assert config.fp16 and not config.bf16 and config.use_vllm and config.logging_steps == 3
     assert str(getattr(config.optim, "value", config.optim)) == "adamw_torch"
     assert config.learning_rate == r.training.learning_rate and config.reward_weights == [1.0]

@@ -17,38 +17,53 @@ import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from lowmem_r1 import rewards
+from lowmem_r1.config.stages import STAGES
 from lowmem_r1.core.distributed import batch_problem
 from lowmem_r1.core.errors import UserError
-from lowmem_r1.data import TASKS, check_prompt, check_task_rows, get_task
-from lowmem_r1.data.sft import check_sft_data
-from lowmem_r1.data.sources import check_local, peek_rows
+from lowmem_r1.data import TASKS, check_prompt, get_task
+from lowmem_r1.data.sources import check_local
 from lowmem_r1.models.names import BUILTINS, builtin_cache_path, check_name
 
 BUILTIN_DEFAULT_MODEL = "builtin:smollm2-135m-instruct"
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
 class ModelSection(Section):
     name: str = BUILTIN_DEFAULT_MODEL
     """Hub id, local folder, .gguf file, or a builtin alias (`builtin:smollm2-135m-instruct`)."""
     backend: Literal["auto", "hf", "unsloth"] = "auto"
+    """auto: unsloth when CUDA and unsloth are both present, else hf. hf: transformers + peft + TRL,
+    runs everywhere (CPU too). unsloth: Unsloth's fused kernels, 4-bit and weight-sharing vLLM (GPU)."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Load and compute dtype (also the trainer's bf16/fp16 flags). auto: bfloat16 on GPUs with native
+    bf16, float16 on older GPUs, float32 on CPU; bfloat16 on a card without it falls back to float16."""
     load_in_4bit: bool = False
+    """QLoRA: load the frozen base weights as 4-bit NF4 with bitsandbytes (about a quarter of their
+    16-bit memory; the LoRA weights stay in dtype). Needs bitsandbytes."""
     bnb_4bit_quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] | None = None
     """How bitsandbytes stores the 4-bit weights (default uint8). ZeRO-3 and FSDP2 shard 4-bit weights only
     when stored in the compute dtype (e.g. bfloat16)."""
     fast_inference: bool = False
     """Unsloth: build a vLLM engine that shares weights with the trained model (GPU only)."""
     max_seq_length: int = Field(1024, gt=0)
+    """Longest sequence in tokens (prompt + completion): Unsloth's max_seq_length, vLLM's context with
+    fast_inference; for stage = "sft" SFTConfig's max_length (longer examples are dropped)."""
     max_lora_rank: int = Field(64, gt=0)
+    """Unsloth with fast_inference: the largest LoRA rank its vLLM engine accepts; must be at least
+    lora.r. Ignored otherwise."""
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    """Unsloth with fast_inference: share of GPU memory (0-1] its vLLM engine reserves (KV cache;
+    weights shared with training). Other vLLM engines use generation.vllm_gpu_memory_utilization."""
     vllm_standby: bool = False
     """Unsloth: UNSLOTH_VLLM_STANDBY=1, vLLM and training share memory further."""
     revision: str | None = None
+    """Hub branch, tag or commit of model.name (model and tokenizer); unset: the default branch."""
     trust_remote_code: bool = False
+    """Run Python code shipped in the model's repository (transformers' trust_remote_code); only for
+    models that need it, from a source you trust."""
     adapter: str | None = None
     """A LoRA adapter folder (or run directory) to continue training instead of a fresh LoRA: how a
     pipeline stage starts from the previous stage. Its r and target modules must match [lora]."""
@@ -56,12 +71,22 @@ class ModelSection(Section):
 
 class LoraSection(Section):
     r: int = Field(16, gt=0)
+    """LoRA rank (peft's r): the adapter's width and trainable size; 8-64 is usual, at most the
+    model's hidden size (and model.max_lora_rank with fast_inference)."""
     alpha: int = Field(32, gt=0)
+    """LoRA scale numerator (peft's lora_alpha): updates are scaled by alpha / r (alpha / sqrt(r) with
+    use_rslora); r to 2 x r is usual."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the LoRA path's input (peft's lora_dropout), 0 to below 1; 0 is usual for RL and is
+    Unsloth's fast path."""
     target_modules: list[str] | Literal["all-linear"] = Field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    """Layers that get an adapter (peft's target_modules): module names (default: attention and MLP
+    projections), or "all-linear" for every linear layer but the output head."""
     use_rslora: bool = False
+    """Rank-stabilized LoRA (peft's use_rslora): scale by alpha / sqrt(r) instead of alpha / r, so
+    high ranks still learn."""
 
 
 class DataSection(Section):
@@ -71,7 +96,11 @@ class DataSection(Section):
     task: Literal[tuple(TASKS)] = "arithmetic"  # type: ignore[valid-type]
     """A name in lowmem_r1.data.tasks.TASKS (one class per task)."""
     config: str | None = None
+    """Configuration (subset) of a hub dataset, e.g. "main" for openai/gsm8k; local files, folders
+    and builtin generators ignore it."""
     split: str = "train"
+    """Split to train on, for hub ids and folders (a single local file is one split; a builtin
+    generator ignores it)."""
     eval_split: str | None = None
     """Named split of the source (or a second local file) held out for evaluation."""
     eval_size: int = Field(0, ge=0)
@@ -79,7 +108,9 @@ class DataSection(Section):
     limit: int | None = Field(None, gt=0)
     """At most this many training rows (after shuffling and the eval hold-out)."""
     shuffle: bool = True
+    """Shuffle the rows (with data.seed) before the eval hold-out and data.limit."""
     seed: int = 0
+    """Seed of the row shuffle and of the builtin generators (unless data.generator sets its own seed)."""
     max_prompt_length: int = Field(256, gt=0)
     """Prompts longer than this (in tokens, chat template applied) are dropped and counted."""
     columns: dict[str, str] = Field(default_factory=dict)
@@ -105,10 +136,16 @@ class RewardEntry(BaseModel):
     """One `[[rewards]]` table: a registry name (or `module:function` / `file.py:function`),
     a weight, what to do when it raises, and the reward's own parameters as extra keys."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", use_attribute_docstrings=True)
     name: str
+    """A reward in the registry (`lowmem-r1 rewards list`, docs/rewards.md), or your own function as
+    `module:function` or `file.py:function`."""
     weight: float = 1.0
+    """Multiplier of this reward in the weighted total the advantages come from (TRL's
+    reward_weights); 0 records the reward without training on it."""
     on_error: Literal["raise", "skip"] = "raise"
+    """When the reward raises or returns bad values: raise stops the run, naming the reward and the
+    completion; skip scores that call None (not applicable) and counts it as reward_errors/<name>."""
 
     @property
     def params(self) -> dict[str, Any]:
@@ -117,14 +154,28 @@ class RewardEntry(BaseModel):
 
 class TrainingSection(Section):
     max_steps: int = Field(100, gt=0)
+    """Optimizer steps to train (TRL's max_steps); the prompts are cycled through as often as needed."""
     learning_rate: float = Field(5e-6, gt=0)
+    """Peak learning rate (TRL's learning_rate). GRPO on LoRA: about 5e-6 to 2e-5; LoRA SFT and the
+    tiny CPU demos use 1e-4 and above."""
     per_device_train_batch_size: int = Field(8, gt=0)
     """Completions per device per micro-batch (TRL counts completions, not prompts)."""
     gradient_accumulation_steps: int = Field(1, gt=0)
+    """Micro-batches per optimizer step (TRL's gradient_accumulation_steps): prompts per step =
+    per_device_train_batch_size x this x processes / num_generations."""
     num_generations: int = Field(8, ge=2)
+    """Completions per prompt, the group whose rewards are compared (TRL's num_generations); at
+    least 2, and per_device_train_batch_size x gradient_accumulation_steps x processes must be a multiple."""
     beta: float = Field(0.0, ge=0)
+    """KL penalty towards the starting model (TRL's beta); 0 drops the KL term and its reference
+    forward pass. DeepSeek-R1 used 0.001; TRL's default was once 0.04."""
     loss_type: Literal["grpo", "dapo", "dr_grpo", "bnpo", "cispo", "sapo", "luspo", "vespo"] = "dapo"
+    """The policy loss (TRL's loss_type). dapo: token losses averaged over the whole batch's tokens;
+    dr_grpo: over a constant; grpo: per sequence (length-biased); bnpo, cispo, sapo, luspo, vespo:
+    variants."""
     scale_rewards: Literal["group", "batch", "none"] = "group"
+    """Advantage scaling (TRL's scale_rewards): group divides by each group's reward standard
+    deviation, batch by the whole batch's, none does not divide (Dr. GRPO)."""
     epsilon: float = Field(0.2, gt=0, lt=1)
     """Lower clip range of the policy ratio (1 - epsilon)."""
     epsilon_high: float | None = Field(None, gt=0)
@@ -138,6 +189,8 @@ class TrainingSection(Section):
     multi_objective_aggregation: Literal["sum_then_normalize", "normalize_then_sum"] = "sum_then_normalize"
     """normalize_then_sum (GDPO): normalise each reward within its group before the weighted sum."""
     num_iterations: int = Field(1, gt=0)
+    """Optimizer updates per generation batch (TRL's num_iterations, GRPO's mu); above 1 reuses
+    completions off-policy, where the epsilon clip matters."""
     mask_truncated_completions: bool = False
     """Overlong filtering (DAPO): completions cut at max_completion_length do not enter the loss."""
     dynamic_sampling: Literal["off", "skip", "refill"] = "off"
@@ -149,32 +202,65 @@ class TrainingSection(Section):
     """The reward whose scores decide whether a group has signal (DAPO: accuracy), so a length or
     partial-credit reward alone does not keep a group; default: the weighted total's advantages."""
     lr_scheduler_type: str = "constant"
+    """Learning-rate schedule (TRL's lr_scheduler_type): constant, constant_with_warmup, linear,
+    cosine, ...; constant ignores warmup_ratio."""
     warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    """Share of max_steps (0 to below 1) over which the learning rate rises from 0 (passed as TRL's
+    warmup_steps, which reads a float below 1 as a ratio)."""
     weight_decay: float = Field(0.0, ge=0)
+    """Optimizer weight decay (TRL's weight_decay); 0 to 0.1 is usual."""
     max_grad_norm: float = Field(1.0, gt=0)
+    """Gradients are clipped to this global norm (TRL's max_grad_norm); 1.0 is usual, 0.1 is
+    Unsloth's GRPO notebook."""
     optim: str = "adamw_torch"
+    """Optimizer (TRL's optim): adamw_torch, adamw_torch_fused, adamw_8bit (needs bitsandbytes; the
+    GPU recipes use it), paged_adamw_8bit, adafactor, ..."""
     gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass instead of keeping them (TRL's
+    gradient_checkpointing): less memory, slower steps. Unsloth on a GPU always uses its offloaded kind."""
     seed: int = 42
+    """Random seed of the run (TRL's seed): LoRA's initial weights, sampling and prompt order."""
     save_steps: int = Field(50, gt=0)
+    """A checkpoint every N optimizer steps in the run directory's checkpoints/ (TRL's save_steps);
+    `train --resume` continues from the newest complete one."""
     save_total_limit: int | None = Field(2, gt=0)
+    """Checkpoints kept, oldest deleted first (TRL's save_total_limit); the newest complete one is
+    never deleted."""
 
 
 class GenerationSection(Section):
     max_completion_length: int = Field(256, gt=0)
+    """Tokens per generated completion at most (TRL's max_completion_length); longer ones are cut
+    (see training.mask_truncated_completions). Also eval's default."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (TRL's temperature): 1.0 samples the model's own distribution, lower is
+    less diverse. `eval --samples` above 1 uses it too."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling (TRL's top_p): sample from the most likely tokens whose probabilities add up
+    to top_p; 1.0 keeps all."""
     top_k: int = Field(0, ge=0)
+    """Sample only from the k most likely tokens (TRL's top_k); 0 turns it off."""
     repetition_penalty: float = Field(1.0, gt=0)
+    """Penalty on tokens already in the prompt or completion (TRL's repetition_penalty); 1.0 is off,
+    above 1 repeats less."""
     continuous_batching: Literal["auto", "on", "off"] = "off"
     """Generation without vLLM through transformers' continuous batching (TRL's
     use_transformers_continuous_batching). auto: on where it measured faster than the padded-batch
     generate - nowhere yet (0.47x on an idle CPU) - so off."""
     use_vllm: bool = False
+    """Generate with vLLM instead of transformers' generate (TRL's use_vllm): on a CUDA GPU, or with
+    vLLM's CPU build. Unsloth's own shared engine is model.fast_inference."""
     vllm_mode: Literal["colocate", "server"] = "colocate"
+    """TRL's vllm_mode. colocate: a vLLM engine in the training process, sharing its GPU. server:
+    a separate `lowmem-r1 serve` on other GPUs, at vllm_server_host:vllm_server_port."""
     vllm_gpu_memory_utilization: float = Field(0.3, gt=0, le=1)
+    """Share of GPU memory (0-1] the colocated vLLM engine reserves for weights and KV cache (TRL's
+    vllm_gpu_memory_utilization); Unsloth's fast_inference uses model.gpu_memory_utilization."""
     vllm_server_host: str = "127.0.0.1"
     """Where `lowmem-r1 serve` (TRL's vllm-serve) listens, for vllm_mode = "server"."""
     vllm_server_port: int = Field(8000, gt=0, lt=65536)
+    """Port of the vLLM server for vllm_mode = "server" (TRL's vllm_server_port); `lowmem-r1 serve`
+    listens there."""
     vllm_server_timeout: float = Field(240.0, gt=0)
     """Seconds training waits for the server before step 1, then stops with one line (never hangs)."""
     vllm_tensor_parallel_size: int = Field(1, gt=0)
@@ -183,12 +269,19 @@ class GenerationSection(Section):
     """Correct for vLLM's sampling probabilities differing from the trainer's (TRL's default: on)."""
     vllm_importance_sampling_mode: Literal["token_truncate", "token_mask", "sequence_truncate", "sequence_mask"] = (
         "sequence_mask")
+    """With vLLM: how the ratio of the trainer's to vLLM's probabilities weights the loss (TRL's
+    vllm_importance_sampling_mode): token_* per token, sequence_* per completion; *_truncate clips it to
+    [clip_min, clip_max], *_mask drops what falls outside."""
     vllm_importance_sampling_clip_min: float | None = Field(None, ge=0)
+    """Lower bound of the vLLM importance-sampling ratio (TRL's vllm_importance_sampling_clip_min); unset:
+    none. See vllm_importance_sampling_mode."""
     vllm_importance_sampling_clip_max: float | None = Field(3.0, gt=0)
+    """Upper bound of the vLLM importance-sampling ratio (TRL's vllm_importance_sampling_clip_max); unset:
+    none. See vllm_importance_sampling_mode."""
 
 
 class DistributedSection(Section):
-    """How several processes share the work (issue 19). One process needs none of this."""
+    """How several processes share the work. One process needs none of this."""
 
     strategy: Literal["ddp", "zero2", "zero3", "fsdp2"] = "ddp"
     """ddp: a full copy per GPU (default). zero2: DeepSpeed shards optimizer state and gradients.
@@ -206,7 +299,11 @@ class OutputSection(Section):
 
 class LoggingSection(Section):
     report_to: list[Literal["tensorboard", "wandb", "swanlab", "trackio"]] = Field(default_factory=list)
+    """Trackers that get the metrics too (TRL's report_to): tensorboard, wandb, swanlab, trackio;
+    empty: none (metrics.jsonl is always written)."""
     logging_steps: int = Field(1, gt=0)
+    """Metrics are logged (metrics.jsonl, the live display, report_to) every N optimizer steps
+    (TRL's logging_steps)."""
     sample_every: int = Field(5, ge=0)
     """Show one sample completion in the live display every N steps (0: never)."""
 
@@ -215,16 +312,23 @@ class EvalSection(Section):
     size: int = Field(50, ge=0)
     """Held-out prompts scored by `lowmem-r1 eval` (taken from data.eval_split/eval_size)."""
     max_new_tokens: int | None = None
+    """Tokens per completion at most in `lowmem-r1 eval` (`--max-new-tokens` overrides); unset:
+    generation.max_completion_length."""
     batch_size: int = Field(16, gt=0)
+    """Completions per generation batch in `lowmem-r1 eval` (`--batch-size` overrides); prompts per
+    batch = batch_size / --samples."""
 
 
 class Recipe(Section):
     name: str = "run"
+    """Run name: the run directory is runs/<name> unless output.dir is set. A recipe file's default:
+    its file name without .toml."""
     description: str = ""
-    stage: Literal["grpo", "sft"] = "grpo"
-    """What `train` runs: `grpo` (reasoning RL with [[rewards]]) or `sft` (supervised fine-tuning on
-    traces: cold start, rejection-sampled or distilled data; lowmem_r1/training/sft.py). Multi-stage recipes
-    ([[stages]], lowmem_r1/pipeline/multistage.py) chain them."""
+    """Free text about the recipe, shown by `train --dry-run`; changing it does not block --resume."""
+    stage: str = "grpo"
+    """What `train` runs, a kind in config/stages.py: `grpo` (reasoning RL with [[rewards]]) or `sft`
+    (supervised fine-tuning on traces: cold start, rejection-sampled or distilled data). Multi-stage recipes
+    ([[stages]]) chain them."""
     model: ModelSection = Field(default_factory=ModelSection)
     lora: LoraSection = Field(default_factory=LoraSection)
     data: DataSection = Field(default_factory=DataSection)
@@ -240,8 +344,12 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _combinations(self) -> "Recipe":
         t, g = self.training, self.generation
+        if self.stage not in STAGES:
+            raise _Combination("stage", f"stage = {self.stage!r} is not a kind of stage; use one of: "
+                                        f"{', '.join(STAGES)}")
+        kind = STAGES[self.stage]
         uneven = batch_problem(t, self.distributed.nproc)  # the world size a launcher gives wins: launch.check
-        if self.stage == "grpo" and uneven:
+        if kind.rewarded and uneven:
             raise _Combination("training.num_generations", uneven)
         if self.model.fast_inference and self.lora.r > self.model.max_lora_rank:
             raise _Combination(
@@ -262,7 +370,7 @@ class Recipe(Section):
                 f"{g.max_completion_length} is longer than model.max_seq_length = {self.model.max_seq_length}, "
                 f"vLLM's limit with fast_inference; lower one of them or raise model.max_seq_length",
             )
-        if not self.rewards and self.stage == "grpo":
+        if not self.rewards and kind.rewarded:
             raise _Combination("rewards", "the recipe has no [[rewards]]: add at least one reward table")
         if g.vllm_mode == "server" and not g.use_vllm:
             raise _Combination("generation.vllm_mode", "vllm_mode = 'server' needs generation.use_vllm = true")
@@ -270,31 +378,6 @@ class Recipe(Section):
         return self
 
     # Numbers the run will use, shown by --dry-run and the live display.
-    def trainer_args(self, output_dir: Path) -> dict:
-        """[training] and [logging] as the keyword arguments every TRL trainer config shares (GRPOConfig and
-        SFTConfig are both transformers TrainingArguments); each stage adds its own on top."""
-        t, log = self.training, self.logging
-        return dict(
-            output_dir=str(output_dir),
-            max_steps=t.max_steps,
-            learning_rate=t.learning_rate,
-            per_device_train_batch_size=t.per_device_train_batch_size,
-            gradient_accumulation_steps=t.gradient_accumulation_steps,
-            lr_scheduler_type=t.lr_scheduler_type,
-            warmup_steps=t.warmup_ratio,  # transformers 5: a float below 1 is a ratio of max_steps
-            weight_decay=t.weight_decay,
-            max_grad_norm=t.max_grad_norm,
-            optim=t.optim,
-            gradient_checkpointing=t.gradient_checkpointing,
-            seed=t.seed,
-            save_strategy="steps",
-            save_steps=t.save_steps,
-            save_total_limit=t.save_total_limit,
-            logging_steps=log.logging_steps,
-            report_to=list(log.report_to) or "none",
-            disable_tqdm=True,
-        )
-
     def prompts_per_step(self) -> int:
         """Across all processes (distributed.nproc): TRL's generation batch is per-device x accumulation x world."""
         t = self.training
@@ -396,12 +479,7 @@ def recipe_from_dict(
     if check_rewards:
         check_recipe_rewards(recipe, source)
     check_prompt(recipe, source)
-    if recipe.stage == "sft":
-        check_sft_data(recipe, source)
-    else:
-        rows = peek_rows(recipe.data.source, source, limit=100)  # a local file GRPO's task cannot read fails here
-        if rows is not None:
-            check_task_rows(recipe, rows, source)
+    STAGES[recipe.stage].check_data(recipe, source)
     return recipe
 
 

@@ -112,8 +112,6 @@ def check_sft_data(recipe, source: str = "<recipe>") -> None:
     """What --dry-run can check without loading anything heavy: a local JSON Lines / JSON file's columns
     and that every conversation has an assistant turn. Builtin generators always have gold answers; hub
     datasets and other formats are checked when loaded."""
-    if recipe.stage != "sft":
-        return
     rows = peek_rows(recipe.data.source, source)
     if rows is None:
         return

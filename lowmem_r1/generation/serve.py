@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lowmem_r1.config.recipe import Recipe, load_recipe
+from lowmem_r1.config.stages import STAGES
 from lowmem_r1.core.errors import UserError
 from lowmem_r1.models import backends
 from lowmem_r1.models.names import BUILTINS, builtin_cache_path, resolve_model
@@ -212,7 +213,7 @@ def server_url(recipe: Recipe) -> str:
 
 def uses_server(recipe: Recipe) -> bool:
     g = recipe.generation
-    return recipe.stage == "grpo" and g.use_vllm and g.vllm_mode == "server"
+    return STAGES[recipe.stage].rewarded and g.use_vllm and g.vllm_mode == "server"
 
 
 def _get(url: str, timeout: float) -> tuple[int, bytes]:

@@ -45,6 +45,7 @@ from pathlib import Path
 import tomllib
 
 from lowmem_r1.config.recipe import Recipe, apply_override, load_recipe, recipe_from_dict
+from lowmem_r1.config.stages import STAGES
 from lowmem_r1.core.errors import UserError
 from lowmem_r1.core.fsutil import atomic_write_json, check_writable, is_ours, mark
 from lowmem_r1.generation.engine import resolve_ref
@@ -55,7 +56,8 @@ from lowmem_r1.runs.rundir import RunDir
 from lowmem_r1.training import progress
 from lowmem_r1.training.run import Start, recipe_diff, train
 
-KINDS = ("sft", "grpo", "sample")
+SAMPLE = "sample"  # a pipeline step of its own: `lowmem-r1 sample`, not a training stage
+KINDS = (*STAGES, SAMPLE)
 STAGE_KEYS = {"name", "stage", "from", "teacher", "sample"}
 MARKER = "pipeline.json"
 KIND = "pipeline directory"  # fsutil's output kind: --force replaces only a pipeline directory we wrote
@@ -75,7 +77,7 @@ class Stage:
     sample: dict = field(default_factory=dict)
 
     def done(self) -> bool:
-        if self.kind == "sample":
+        if self.kind == SAMPLE:
             return (self.dir / "sample.json").is_file()
         return RunDir(self.dir).exists() and RunDir(self.dir).info().get("status") == "completed"
 
@@ -146,17 +148,17 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         kind = st.get("stage", "grpo")
         if kind not in KINDS:
             raise UserError(f"{where}: stage = {kind!r}; use one of {', '.join(KINDS)}")
-        trained = [s.name for s in stages if s.kind != "sample"]
+        trained = [s.name for s in stages if s.kind != SAMPLE]
         start = st.get("from", trained[-1] if trained else "base")
         if start != "base" and start not in names:
             raise UserError(f"{where}: from = {start!r} is not an earlier stage; earlier stages: "
                             f"{', '.join(names) or 'none'} (or \"base\")")
-        if start != "base" and next(s for s in stages if s.name == start).kind == "sample":
+        if start != "base" and next(s for s in stages if s.name == start).kind == SAMPLE:
             raise UserError(f"{where}: from = {start!r} is a sample stage, which has no model; start from a "
                             f"training stage, or train on its samples with data.source = \"stage:{start}\"")
         stage_raw = _merge(copy.deepcopy(raw), {k: v for k, v in st.items() if k not in STAGE_KEYS})
         stage_raw["name"] = f"{name}.{sname}"
-        stage_raw["stage"] = "sft" if kind == "sft" else "grpo"
+        stage_raw["stage"] = kind if kind in STAGES else "grpo"  # a sample stage reads a GRPO recipe's prompts
         stage_raw.setdefault("output", {})["dir"] = str(out / sname)
         data = stage_raw.setdefault("data", {})
         own = st.get("data", {}) if isinstance(st.get("data"), dict) else {}
@@ -166,9 +168,9 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
         if source.startswith("stage:"):
             ref = source.split(":", 1)[1]
             match = next((s for s in stages if s.name == ref), None)
-            if match is None or match.kind != "sample":
+            if match is None or match.kind != SAMPLE:
                 raise UserError(f"{where}: data.source = {source!r}: no earlier sample stage {ref!r}; sample "
-                                f"stages so far: {', '.join(s.name for s in stages if s.kind == 'sample') or 'none'}")
+                                f"stages so far: {', '.join(s.name for s in stages if s.kind == SAMPLE) or 'none'}")
             samples = str(match.dir / "samples.jsonl")
             data.pop("generator", None)
             data.pop("eval_split", None)
@@ -176,22 +178,22 @@ def load_pipeline(path: str | Path, overrides: list[str] | None = None) -> Pipel
             # validated with a stand-in source, and the path is set after
             data["source"] = samples if Path(samples).is_file() else "builtin:arithmetic"
             later = None if Path(samples).is_file() else samples
-        if start != "base" and kind != "sample":
+        if start != "base" and kind != SAMPLE:
             stage_raw.setdefault("model", {})["adapter"] = str(out / start)
         recipe = recipe_from_dict(stage_raw, source=where)
         if later:
             recipe.data.source = later
-        if start != "base" and kind != "sample":
+        if start != "base" and kind != SAMPLE:
             prev = next(s for s in stages if s.name == start)
             if recipe.lora != prev.recipe.lora or recipe.model.name != prev.recipe.model.name:
                 raise UserError(f"{where}: [lora] or model.name differs from stage {start!r}, whose adapter it "
                                 f"continues; keep them the same, or start this stage from \"base\"")
         sample = dict(st.get("sample", {}))
-        if kind == "sample":
+        if kind == SAMPLE:
             _check_sample(sample, where)
         elif "sample" in st:
             raise UserError(f"{where}: `sample` settings only apply to stage = \"sample\"")
-        if "teacher" in st and kind != "sample":
+        if "teacher" in st and kind != SAMPLE:
             raise UserError(f"{where}: `teacher` only applies to stage = \"sample\"")
         stages.append(Stage(sname, kind, recipe, out / sname, start, st.get("teacher"), sample))
         names.append(sname)
@@ -231,7 +233,7 @@ def print_dry_run(p: Pipeline, console=None) -> None:
         table.add_column(col)
     for i, s in enumerate(p.stages, 1):
         r = s.recipe
-        if s.kind == "sample":
+        if s.kind == SAMPLE:
             start = f"samples {s.model or ('base model' if s.start == 'base' else s.start)}"
             work = ", ".join(f"{k}={v}" for k, v in s.sample.items()) or "defaults"
         else:
@@ -261,7 +263,7 @@ def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console
     for i, s in enumerate(p.stages, 1):
         head = f"[bold]stage {i}/{len(p.stages)}[/] [cyan]{s.name}[/] ({s.kind})"
         if s.done():
-            if s.kind != "sample":
+            if s.kind != SAMPLE:
                 diff = recipe_diff(load_recipe(RunDir(s.dir).recipe, check_rewards=False), s.recipe)
                 if diff:
                     raise UserError(f"{p.path}: stage {s.name} was completed with another recipe ({diff[0]}); "
@@ -269,7 +271,7 @@ def run_pipeline(p: Pipeline, resume: bool = False, force: bool = False, console
             console.print(f"{head}: done, skipped")
             continue
         started, cpu = time.time(), time.process_time()  # CPU time too: wall time on a shared machine says little
-        if s.kind == "sample":
+        if s.kind == SAMPLE:
             console.print(f"{head}: sampling from {_sample_model(p, s)}")
             try:
                 result = sample(_sample_model(p, s), s.recipe, s.dir, SampleSettings(**s.sample), console=console)
@@ -341,7 +343,7 @@ def evaluate_pipeline(path: Path, settings, console=None, pipeline: Pipeline | N
     evals = state.setdefault("evals", {})
     targets = [("base", resolve_ref(reference.model.name), path / "eval-base")]
     for s in p.stages:
-        if s.kind != "sample" and s.done():
+        if s.kind != SAMPLE and s.done():
             targets.append((s.name, resolve_ref(s.dir), s.dir / "eval"))
     started, cpu = time.time(), time.process_time()
     for label, ref, root in targets:
@@ -359,7 +361,7 @@ def evaluate_pipeline(path: Path, settings, console=None, pipeline: Pipeline | N
 
 def _eval_recipe(p: Pipeline) -> Recipe:
     """The shared eval: the first GRPO stage's prompts and rewards (else the first stage's)."""
-    grpo = [s for s in p.stages if s.kind == "grpo"]
+    grpo = [s for s in p.stages if s.kind in STAGES and STAGES[s.kind].rewarded]
     r = (grpo or p.stages)[0].recipe
     raw = r.model_dump(mode="json", exclude_none=True)
     raw["model"].pop("adapter", None)
@@ -400,6 +402,6 @@ def report(path: Path, console=None, per_end: int = 2) -> None:
     state = json.loads((Path(path) / MARKER).read_text())
     for name in state.get("order", []):
         stage_dir = Path(path) / name
-        if state.get("kinds", {}).get(name) != "sample" and (stage_dir / "run.json").is_file():
+        if state.get("kinds", {}).get(name) != SAMPLE and (stage_dir / "run.json").is_file():
             console.rule(f"stage {name}")
             run_report(stage_dir, console=console, per_end=per_end)

@@ -20,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lowmem_r1.config.stages import STAGES
 from lowmem_r1.core.distributed import DEEPSPEED, SHARDED, batch_problem
 from lowmem_r1.core.errors import UserError
 from lowmem_r1.core.fsutil import atomic_write_json
@@ -58,7 +59,7 @@ def problems(recipe, world_size: int, backend: str, machine: bool = True) -> lis
     d, m = recipe.distributed, recipe.model
     out = []
     why = batch_problem(recipe.training, world_size)
-    if why and recipe.stage == "grpo":
+    if why and STAGES[recipe.stage].rewarded:
         out.append(f"training.num_generations: {why}")
     if world_size <= 1:
         return out

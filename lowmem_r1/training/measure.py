@@ -30,7 +30,9 @@ from lowmem_r1.models.backends.select import select as select_backend
 from lowmem_r1.preflight.plan import BUILTIN_SHAPES, GiB, ModelShape, Plan, model_shape
 from lowmem_r1.runs.rundir import RunDir
 from lowmem_r1.training.grpo.compat import patch_trl_for_cpu
-from lowmem_r1.training.run import _quiet_default_printers, grpo_kwargs
+from lowmem_r1.training.grpo.stage import grpo_kwargs
+from lowmem_r1.training.grpo.trainer import config_class
+from lowmem_r1.training.run import _quiet_default_printers
 
 STEPS = 2
 
@@ -211,7 +213,7 @@ def prompt_text(tok, n: int) -> str:
 
 def _trainer(recipe, backend, model, tok, tmp: Path):
     from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
+    from trl import GRPOTrainer
 
     patch_trl_for_cpu()
     g = recipe.generation
@@ -220,7 +222,7 @@ def _trainer(recipe, backend, model, tok, tmp: Path):
         {"min_new_tokens": g.max_completion_length}
     kwargs = {**grpo_kwargs(recipe, RunDir(tmp / "run"), [1.0]), **overrides}
     kwargs.update(save_strategy="no", logging_steps=1, report_to="none", generation_kwargs=forced)
-    config = GRPOConfig(**kwargs)
+    config = config_class()(**kwargs)
     n = config.generation_batch_size * (STEPS + 1)
     data = Dataset.from_dict({"prompt": [prompt_text(tok, recipe.data.max_prompt_length)] * n})
 

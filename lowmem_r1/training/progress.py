@@ -11,10 +11,12 @@ from rich.panel import Panel
 from rich.table import Table
 
 from lowmem_r1.config.recipe import Recipe
+from lowmem_r1.config.stages import STAGES
 from lowmem_r1.generation.serve import server_url, uses_server
 from lowmem_r1.runs import health
 from lowmem_r1.runs.rundir import RunDir, read_jsonl
 from lowmem_r1.training.callbacks import Callback
+from lowmem_r1.training.stages import TRAINERS
 
 
 def make_console(quiet: bool = False) -> Console:
@@ -40,28 +42,11 @@ def print_dry_run(recipe: Recipe, path: Path | str, console: Console | None = No
             table.add_row(section, _fmt(value))
     console.print(table)
     t = recipe.training
-    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
     numbers = Table(title="the run will use", show_header=False)
     numbers.add_column(style="cyan")
     numbers.add_column()
-    if recipe.stage == "sft":
-        numbers.add_row("stage", "sft: loss on the assistant (completion) tokens only")
-        numbers.add_row("examples per optimizer step", str(per_step))
-        numbers.add_row("steps", str(t.max_steps))
-        numbers.add_row("examples seen in total", str(per_step * t.max_steps))
-        numbers.add_row("max tokens per example", str(recipe.model.max_seq_length))
-    else:
-        numbers.add_row("prompts per optimizer step", str(recipe.prompts_per_step()))
-        numbers.add_row("generations per prompt", str(t.num_generations))
-        numbers.add_row("completions per step", str(per_step * recipe.distributed.nproc))
-        numbers.add_row("steps", str(t.max_steps))
-        numbers.add_row("prompts seen in total", str(recipe.prompts_per_step() * t.max_steps * t.num_iterations))
-        numbers.add_row("max tokens per completion", str(recipe.generation.max_completion_length))
-        if t.dynamic_sampling != "off":
-            numbers.add_row("groups without reward spread", "left out of the update" + (
-                f", refilled from up to {t.max_refill_draws} extra generation rounds per step"
-                if t.dynamic_sampling == "refill" else "")
-                + (f"; spread judged by {t.dynamic_sampling_reward}" if t.dynamic_sampling_reward else ""))
+    for label, value in TRAINERS[recipe.stage].plan_rows(recipe):
+        numbers.add_row(label, value)
     if uses_server(recipe):
         numbers.add_row("generation", f"vLLM server at {server_url(recipe)} (`lowmem-r1 serve`), checked before "
                                       f"step 1, waiting up to {recipe.generation.vllm_server_timeout:g} s")
@@ -95,7 +80,7 @@ class TrainingDisplay(Callback):
         self.start_step = start_step
         self.total = recipe.training.max_steps
         self.rewards: list[float] = []
-        self.headline = "loss" if recipe.stage == "sft" else "reward"  # the number each step is judged by
+        self.headline = STAGES[recipe.stage].headline  # the number each step is judged by
         self.last: dict = {}
         self.sample: str = ""
         self.recorder = None

@@ -28,22 +28,17 @@ from lowmem_r1.core.fsutil import (
     mark,
     os_errors,
 )
-from lowmem_r1.data import load_splits
 from lowmem_r1.generation.serve import uses_server, wait_for_server
 from lowmem_r1.models import vllm_cpu
 from lowmem_r1.models.backends.select import select as select_backend
 from lowmem_r1.models.names import resolve_model
 from lowmem_r1.preflight.plan import make_plan, warn_if_not_fit
-from lowmem_r1.rewards.guard import RewardFailure, RewardRecorder, guard_rewards
+from lowmem_r1.rewards.guard import RewardFailure
 from lowmem_r1.runs.rundir import RunDir, checkpoint_step, checkpoint_world_size, disk_needed, jsonl_rows
 from lowmem_r1.training import launch, progress
 from lowmem_r1.training.callbacks import Interrupt, MetricsLog
-from lowmem_r1.training.checkpoints import staged_trainer
 from lowmem_r1.training.grpo.compat import patch_trl_for_cpu
-from lowmem_r1.training.grpo.correction import OnPolicyCorrection
-from lowmem_r1.training.grpo.dynamic_sampling import DynamicSampling
-from lowmem_r1.training.grpo.shared_prompts import SharedPrompts
-from lowmem_r1.training.sft import build_trainer as build_sft_trainer
+from lowmem_r1.training.stages import TRAINERS
 
 # Recipe keys that may change between a run and its resumption without changing what is trained.
 RESUME_SAFE_KEYS = {"logging", "output", "eval", "description"}
@@ -108,8 +103,8 @@ def train(recipe: Recipe, recipe_path: Path | None = None, start: Start | None =
 
 
 def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None, console, extra_callbacks=()):
-    """Model (a fresh LoRA, or model.adapter continued), then the stage's trainer: GRPO with guarded rewards,
-    or SFT (lowmem_r1/training/sft.py) -> (trainer, tokenizer, Ctrl-C handler, live display)."""
+    """Model (a fresh LoRA, or model.adapter continued), then the stage's trainer (training/stages.py)
+    -> (trainer, tokenizer, Ctrl-C handler, live display)."""
     vllm_cpu.configure()  # before anything imports vllm; nothing on a GPU or without vllm
     from transformers import set_seed
 
@@ -122,47 +117,11 @@ def build_trainer(recipe: Recipe, backend, run: RunDir, checkpoint: Path | None,
     interrupt = Interrupt()
     display = progress.TrainingDisplay(recipe, run, console, start_step=checkpoint_step(checkpoint))
     callbacks = [MetricsLog(run.metrics), display, interrupt, *extra_callbacks]
-    if recipe.stage == "sft":
-        trainer = build_sft_trainer(recipe, run, backend, model, tokenizer, callbacks, console)
-    else:
-        trainer = build_grpo_trainer(recipe, run, backend, model, tokenizer, callbacks, console, checkpoint, display)
+    trainer = TRAINERS[recipe.stage].build(recipe, run, backend, model, tokenizer, callbacks, console, checkpoint,
+                                           display)
     _preflight_disk(run, recipe, model)
     _quiet_default_printers(trainer)
     return trainer, tokenizer, interrupt, display
-
-
-def build_grpo_trainer(recipe: Recipe, run: RunDir, backend, model, tokenizer, callbacks, console, checkpoint,
-                       display):
-    """GRPOTrainer on the recipe's prompts, with guarded, recorded rewards."""
-    splits = load_splits(recipe, tokenizer)
-    if splits.dropped:
-        console.print(
-            f"[yellow]data:[/] dropped {splits.dropped} prompt(s) longer than data.max_prompt_length = "
-            f"{recipe.data.max_prompt_length} tokens"
-        )
-    if len(splits.train) == 0:
-        raise UserError("data: no training rows left after filtering; raise data.max_prompt_length or check data.source")
-    recorder = RewardRecorder(run.completions, recipe, start_step=checkpoint_step(checkpoint))
-    reward_funcs, weights = guard_rewards(recipe, recorder)
-    display.recorder = recorder
-
-    config = grpo_config(recipe, run, weights, backend)
-    with vllm_cpu.engine_options(config):  # TRL builds its colocated engine here
-        trainer = trainer_class()(
-            model=model,
-            processing_class=tokenizer,
-            reward_funcs=reward_funcs,
-            args=config,
-            train_dataset=splits.train,
-            callbacks=callbacks,
-        )
-    vllm_cpu.attach(trainer)  # vLLM-CPU's layers take a layer-wise weight sync; GPU engines keep TRL's
-    trainer.share_prompts = backend.name == "hf"
-    trainer.dynamic_sampling = recipe.training.dynamic_sampling
-    trainer.max_refill_draws = recipe.training.max_refill_draws
-    by = recipe.training.dynamic_sampling_reward
-    trainer.signal_reward = [e.name for e in recipe.rewards].index(by) if by else None
-    return trainer
 
 
 def continue_adapter(model, adapter: str, recipe: Recipe) -> None:
@@ -454,71 +413,6 @@ def _warn_if_not_fit(recipe: Recipe, console) -> None:
     message = warn_if_not_fit(recipe)
     if message:
         console.print(f"[yellow]plan:[/] {message}")
-
-
-# --------------------------------------------------------------------------------------------------
-# TRL configuration
-
-
-def grpo_config(recipe: Recipe, run: RunDir, reward_weights: list[float], backend):
-    """TRL's GRPOConfig: the recipe's settings, then the backend's overrides (a key in both: the backend's)."""
-    from trl import GRPOConfig
-
-    return GRPOConfig(**{**grpo_kwargs(recipe, run, reward_weights), **backend.grpo_overrides(recipe)})
-
-
-def grpo_kwargs(recipe: Recipe, run: RunDir, reward_weights: list[float]) -> dict:
-    """The recipe's training and generation sections, as GRPOConfig keyword arguments."""
-    t, g = recipe.training, recipe.generation
-    return dict(
-        **recipe.trainer_args(run.checkpoints),
-        num_generations=t.num_generations,
-        beta=t.beta,
-        loss_type=t.loss_type,
-        scale_rewards=t.scale_rewards,
-        epsilon=t.epsilon,
-        epsilon_high=t.epsilon_high,
-        delta=t.delta,
-        importance_sampling_level=t.importance_sampling_level,
-        top_entropy_quantile=t.top_entropy_quantile,
-        multi_objective_aggregation=t.multi_objective_aggregation,
-        num_iterations=t.num_iterations,
-        mask_truncated_completions=t.mask_truncated_completions,
-        max_completion_length=g.max_completion_length,
-        temperature=g.temperature,
-        top_p=g.top_p,
-        top_k=g.top_k,
-        repetition_penalty=g.repetition_penalty,
-        use_transformers_continuous_batching=continuous_batching(recipe),
-        vllm_importance_sampling_correction=g.vllm_importance_sampling_correction,
-        vllm_importance_sampling_mode=g.vllm_importance_sampling_mode,
-        vllm_importance_sampling_clip_min=g.vllm_importance_sampling_clip_min,
-        vllm_importance_sampling_clip_max=g.vllm_importance_sampling_clip_max,
-        reward_weights=reward_weights,
-        log_completions=False,
-    )
-
-
-def continuous_batching(recipe: Recipe) -> bool:
-    """Whether generation without vLLM goes through transformers' continuous batching: only when asked
-    for ("on"). "auto" stays off everywhere: on an idle 2-core CPU it made 0.47x the tokens/s of the
-    padded-batch `generate` (scripts/bench_cb_generation.py, 32 prompts x 48 tokens; the 3x once recorded
-    came from a machine at load 26), and it has not been measured on a GPU."""
-    g = recipe.generation
-    if g.use_vllm or recipe.model.fast_inference:
-        return False
-    return g.continuous_batching == "on"
-
-
-def trainer_class():
-    """TRL's GRPOTrainer (Unsloth's patched one when unsloth was imported first), checkpoints staged;
-    dynamic sampling (training/grpo/dynamic_sampling.py) rides on its generation hook; vLLM's importance-sampling correction
-    reuses the loss's forward when that is exact (training/grpo/correction.py); generation and the loss forward run
-    each group's prompt once (training/grpo/shared_prompts.py)."""
-    from trl import GRPOTrainer
-
-    mixins = (DynamicSampling, OnPolicyCorrection, SharedPrompts)
-    return staged_trainer(type("GRPOTrainer", (*mixins, GRPOTrainer), {}))
 
 
 def _is_out_of_memory(error: BaseException) -> bool:

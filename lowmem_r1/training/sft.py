@@ -18,36 +18,16 @@ from __future__ import annotations
 from lowmem_r1.core.errors import UserError
 from lowmem_r1.data.sft import drop_long, load_sft_splits
 from lowmem_r1.training.checkpoints import staged_trainer
-
-# --------------------------------------------------------------------------------------------------
-# Data
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-# --------------------------------------------------------------------------------------------------
-# Trainer
+from lowmem_r1.training.trainer_args import field_names, trainer_kwargs
 
 
 def sft_kwargs(recipe, run) -> dict:
-    """The recipe's [training] section as SFTConfig keyword arguments (what GRPO-only keys mean nothing
-    here: num_generations, beta, loss_type, ... are ignored)."""
+    """The recipe as SFTConfig keyword arguments: the keys every TrainingArguments has (trainer_args.py; GRPO-only
+    keys - num_generations, beta, loss_type, ... - mean nothing here), then SFT's own."""
+    from transformers import TrainingArguments
+
     return dict(
-        **recipe.trainer_args(run.checkpoints),
+        **trainer_kwargs(recipe, field_names(TrainingArguments), run.checkpoints),
         max_length=recipe.model.max_seq_length,
         completion_only_loss=True,  # labels -100 on the prompt: learn the answers, not the questions
         packing=False,
@@ -55,7 +35,7 @@ def sft_kwargs(recipe, run) -> dict:
     )
 
 
-def build_trainer(recipe, run, backend, model, tokenizer, callbacks, console):
+def build_trainer(recipe, run, backend, model, tokenizer, callbacks, console, checkpoint=None, display=None):
     """SFTTrainer (checkpoints staged and renamed like GRPO's) on the recipe's data."""
     from trl import SFTConfig, SFTTrainer
 
@@ -71,3 +51,16 @@ def build_trainer(recipe, run, backend, model, tokenizer, callbacks, console):
     return staged_trainer(SFTTrainer)(
         model=model, processing_class=tokenizer, args=config, train_dataset=train_ds, callbacks=callbacks,
     )
+
+
+def plan_rows(recipe) -> list[tuple[str, str]]:
+    """The numbers `train --dry-run` shows for an SFT stage."""
+    t = recipe.training
+    per_step = t.per_device_train_batch_size * t.gradient_accumulation_steps
+    return [
+        ("stage", "sft: loss on the assistant (completion) tokens only"),
+        ("examples per optimizer step", str(per_step)),
+        ("steps", str(t.max_steps)),
+        ("examples seen in total", str(per_step * t.max_steps)),
+        ("max tokens per example", str(recipe.model.max_seq_length)),
+    ]

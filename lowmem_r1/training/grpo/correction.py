@@ -47,7 +47,7 @@ _TRL_METHODS = ("compute_loss", "_compute_loss", "_get_per_token_logps_and_entro
 
 
 class OnPolicyCorrection:
-    """GRPOTrainer mixin (train.trainer_class): see the module docstring."""
+    """GRPOTrainer mixin (trainer.py): see the module docstring."""
 
     def _correction_from_loss_forward(self) -> bool:
         if not (self.use_vllm and self.vllm_importance_sampling_correction and self.loss_type != "vespo"):

@@ -23,6 +23,8 @@ from __future__ import annotations
 import math
 import random
 
+from lowmem_r1.training.grpo.settings import extensions
+
 MODES = ("off", "skip", "refill")
 
 
@@ -89,12 +91,9 @@ def _rows(groups: list[int], g: int) -> list[int]:
 
 
 class DynamicSampling:
-    """GRPOTrainer mixin; `dynamic_sampling` and `max_refill_draws` are set by train.trainer_class()."""
+    """GRPOTrainer mixin (trainer.py); its settings are LowmemGRPOConfig's `dynamic_sampling`,
+    `max_refill_draws` and `signal_reward` (settings.py)."""
 
-    dynamic_sampling: str = "off"
-    max_refill_draws: int = 4
-    signal_reward: int | None = None
-    """Index of the reward whose spread decides signal (training.dynamic_sampling_reward); None: advantages."""
     _scores = None  # the last round's scores per reward (TRL's rewards_per_func), taken by _signal
 
     def _generate(self, prompts):
@@ -113,9 +112,10 @@ class DynamicSampling:
 
     def _signal(self, out) -> list[bool]:
         scores, self._scores = self._scores, None
-        if self.signal_reward is None or scores is None or scores.shape[0] != out["advantages"].shape[0]:
+        by = extensions(self.args).signal_reward
+        if by is None or scores is None or scores.shape[0] != out["advantages"].shape[0]:
             return groups_with_signal(out["advantages"], self.num_generations)
-        return groups_with_signal(out["advantages"], self.num_generations, scores[:, self.signal_reward])
+        return groups_with_signal(out["advantages"], self.num_generations, scores[:, by])
 
     def _generate_and_score_completions(self, inputs):
         self._round_tokens, self._scores = 0, None  # no stale scores from a round TRL did not score
@@ -123,7 +123,7 @@ class DynamicSampling:
         if not self.model.training:
             return out
         metrics = self._metrics["train"]
-        if self.dynamic_sampling != "off":
+        if extensions(self.args).dynamic_sampling != "off":
             out = self._keep_groups_with_signal(inputs, out, metrics)
         metrics["tokens/generated"].append(float(self._round_tokens))
         return out
@@ -136,7 +136,8 @@ class DynamicSampling:
         spare = _rows([i for i, s in enumerate(signal) if not s], g)
         kept, generated, with_signal = sum(signal), len(signal), sum(signal)
         extra = draws = 0
-        while self.dynamic_sampling == "refill" and kept < wanted and draws < self.max_refill_draws:
+        settings = extensions(self.args)
+        while settings.dynamic_sampling == "refill" and kept < wanted and draws < settings.max_refill_draws:
             rate = max(with_signal / generated, 1 / wanted)  # observed share of groups with signal
             count = min(wanted, math.ceil((wanted - kept) / rate))
             rows = refill_indices(self.args.seed, self.state.global_step, draws, len(self.train_dataset), count)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from lowmem_r1.generation.shared_prefill import distinct_rows, generate_sharing_prompts, prefill
 from lowmem_r1.training.grpo.correction import owner_below
+from lowmem_r1.training.grpo.settings import extensions
 
 
 def _trl_owns(trainer, name: str) -> bool:
@@ -31,15 +32,13 @@ def _trl_owns(trainer, name: str) -> bool:
 
 
 class SharedPrompts:
-    """GRPOTrainer mixin (train.trainer_class): generation and the loss forward run each prompt once."""
-
-    share_prompts: bool = False
-    """Set by training/run.py for the hf backend: Unsloth's models bring their own forward and generate."""
+    """GRPOTrainer mixin (trainer.py): generation and the loss forward run each prompt once."""
 
     def _sharing(self) -> bool:
-        """On for this run (hf backend), in one process."""
+        """On for this run (LowmemGRPOConfig.share_prompts: the hf backend; Unsloth's models bring their own
+        forward and generate), in one process."""
         distributed = self.args.world_size > 1 or self.is_deepspeed_enabled or self.is_fsdp_enabled
-        return self.share_prompts and not distributed
+        return extensions(self.args).share_prompts and not distributed
 
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
         args = (prompt_ids, images, multimodal_fields, num_generations, has_tool_images)
