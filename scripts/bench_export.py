@@ -5,7 +5,7 @@ Each measurement runs in its own subprocess, so its peak RSS (ru_maxrss) is its 
   `torch.load` + `torch.save` of the same weights measured in the same run;
 - GGUF F16 export time as a ratio to a plain safetensors copy (load_file + save_file) of the same tensors,
   each with its library imported beforehand (a "cold" row also times gguf's own import, ~0.1 s).
-Goals (issue 6): merge peak RSS <= 1.5x the 16-bit model size; GGUF F16 no slower than 2x the copy.
+Goals: merge peak RSS <= 1.5x the 16-bit model size; GGUF F16 no slower than 2x the copy.
 Peak RSS (VmHWM) includes the interpreter with torch imported; "above imports" subtracts that floor.
 BENCH_THREADS=1 pins torch to one thread in every case (useful on a busy shared machine).
 

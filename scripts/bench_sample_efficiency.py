@@ -14,7 +14,7 @@ the last gives the standard error of the final gain.
     best:  loss_type dapo, clip-higher (epsilon_high 0.28), dynamic sampling refill (no overlong filtering:
            replies cut at --max-tokens still hold their answer, and masking them drops the rare right ones)
 
-Goal (issue 17): best reaches plain's final held-out accuracy with <= 0.6x its generated tokens, and ends
+Goal: best reaches plain's final held-out accuracy with <= 0.6x its generated tokens, and ends
 >= 10 points higher at equal wall time. Last line: `tokens_ratio=<x> accuracy_gain_points=<y>`.
 
     .venv/bin/python scripts/bench_sample_efficiency.py [--budget 330] [--out bench-out] [--clock cpu] [--quick]

@@ -1,4 +1,4 @@
-"""Several processes (issue 19): the launch, the refused combinations, rank discipline, and - slow - a real
+"""Several processes: the launch, the refused combinations, rank discipline, and - slow - a real
 2-process run over gloo (torchrun), a killed rank and its resume."""
 
 import hashlib

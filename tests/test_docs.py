@@ -3,6 +3,7 @@ stays a short guide, nothing points outside the repository, every benchmark scri
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -21,6 +22,36 @@ def test_generated_reference_matches_the_code():
     done = subprocess.run([sys.executable, str(DOCS / "make_reference.py"), "--check"], cwd=REPO,
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def make_reference():
+    """docs/make_reference.py as a module (docs/ is no package)."""
+    spec = importlib.util.spec_from_file_location("make_reference", DOCS / "make_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_every_recipe_key_has_a_description():
+    """`make_reference.py --missing` lists nothing: a new recipe key needs its attribute docstring (the string
+    literal right after the field), or its row in docs/recipes.md says nothing."""
+    missing = make_reference().undocumented()
+    assert not missing, f"recipe keys without a description (add a docstring after the field in " \
+                        f"lowmem_r1/config/recipe.py): {missing}"
+
+
+def test_pydantic_carries_the_descriptions():
+    """use_attribute_docstrings is on for every section, so `Recipe.model_fields[...].description` holds the
+    same text the reference shows."""
+    from lowmem_r1.config.recipe import Recipe
+
+    ref = make_reference()
+    sections = (ref.section_model(f.annotation)[0] for f in Recipe.model_fields.values())
+    models = [Recipe, *(m for m in sections if m is not None)]
+    differ = [f"{model.__name__}.{name}" for model in models
+              for name, text in ref.attribute_docs(model).items()
+              if name in model.model_fields and model.model_fields[name].description != text]
+    assert not differ, f"pydantic's description differs from the attribute docstring: {differ}"
 
 
 def test_readme_is_a_short_guide():

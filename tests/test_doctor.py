@@ -118,7 +118,7 @@ def test_gpu_rows_with_a_simulated_card(monkeypatch):
     assert by["GPU 1"].status == D.OK and "20.0 of 24.0 GiB free" in by["GPU 1"].value
 
 
-# --- several processes (issue 19) ---------------------------------------------------------------------
+# --- several processes --------------------------------------------------------------------------------
 
 FULL = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
 

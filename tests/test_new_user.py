@@ -1,4 +1,4 @@
-"""A new user (or an adversary) runs every command with bad input of each class from issue 13. Each case
+"""A new user (or an adversary) runs every command with bad input of each class in CASES. Each case
 must end with exit 2 and a short message - no traceback, no exception class names, no raw control bytes -
 and every file that existed before must still exist with the same bytes. Runs in-process (no model
 loads: everything here is refused before one would)."""
@@ -166,6 +166,7 @@ def test_new_user_bad_input(sandbox, monkeypatch, capsys, klass, argv, expect):
 
 
 def test_case_count():
-    """The table covers every class the issue names (4, crash leftovers, has its own tests: it succeeds)."""
+    """The table covers every class of bad input (class 4, crash leftovers, has its own tests: there the
+    command succeeds)."""
     assert {c for c, *_ in CASES} == {1, 2, 3, 5, 6}
     assert len(CASES) >= 40

@@ -183,7 +183,7 @@ def test_plan_command_prints_breakdown_and_verdict(tmp_path):
         assert word in done.stdout
 
 
-# --- several GPUs (issue 19): what each strategy shards, and the trainer / vLLM server split -------------
+# --- several GPUs: what each strategy shards, and the trainer / vLLM server split ------------------------
 
 
 def _hf_recipe(*overrides):

@@ -181,7 +181,7 @@ LAUNCH_FIX = "launch through torchrun / accelerate launch (lowmem-r1 train --npr
 
 
 def distributed_checks(cuda: bool, recipe=None, env=os.environ) -> list[Check]:
-    """For several processes (issue 19): torch.distributed's backends, the GPUs this process sees, the launch
+    """For several processes: torch.distributed's backends, the GPUs this process sees, the launch
     environment, DeepSpeed. Red only where the recipe or the environment asks for something that is missing."""
     import torch
 
