@@ -1,6 +1,7 @@
 """The GRPO trainer's one home (training/grpo/trainer.py): every private TRL method its extensions replace is
 listed with the release it was read against, and their settings come from LowmemGRPOConfig."""
 
+import dataclasses
 import importlib
 import pickle
 from types import SimpleNamespace
@@ -63,3 +64,18 @@ def test_the_config_pickles_as_the_trainer_saves_it(tmp_path):
     config = trainer.config_class()(output_dir=str(tmp_path), use_cpu=True, dynamic_sampling="skip")
     back = pickle.loads(pickle.dumps(config))
     assert type(back) is trainer.LowmemGRPOConfig and back.dynamic_sampling == "skip"
+
+
+def test_the_base_configs_own_init_still_runs(tmp_path):
+    """Unsloth's GRPOConfig has a hand-written __init__ that adjusts settings: the toolkit's config class must
+    not replace it with a generated one."""
+
+    @dataclasses.dataclass
+    class Patched(trl.GRPOConfig):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.epsilon_high = 0.28
+
+    config = trainer._config_class(Patched)(output_dir=str(tmp_path), use_cpu=True, max_refill_draws=2)
+    assert config.epsilon_high == 0.28 and config.max_refill_draws == 2 and config.dynamic_sampling == "off"
+    assert {"dynamic_sampling", "signal_reward"} <= set(config.to_dict())

@@ -63,11 +63,20 @@ def config_class():
 
 @functools.cache
 def _config_class(base):
-    from dataclasses import dataclass
+    from dataclasses import dataclass, fields
 
-    @dataclass
+    own = [(f.name, f.default) for f in fields(GRPOExtensions)]
+
+    @dataclass(init=False)  # the fields of both, for to_dict() and the saved args; the base's own __init__
     class LowmemGRPOConfig(base, GRPOExtensions):
         """TRL's GRPOConfig and the toolkit's GRPO settings (settings.py), read by the extensions."""
+
+        def __init__(self, *args, **kwargs):
+            # The base's __init__ runs as it is: Unsloth's GRPOConfig has one of its own, which adjusts
+            # settings (a generated dataclass __init__ would skip it) and drops keys it does not know.
+            for name, default in own:
+                setattr(self, name, kwargs.pop(name, default))
+            super().__init__(*args, **kwargs)
 
     LowmemGRPOConfig.__module__, LowmemGRPOConfig.__qualname__ = __name__, "LowmemGRPOConfig"
     return LowmemGRPOConfig
