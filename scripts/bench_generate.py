@@ -50,7 +50,7 @@ def main() -> int:
     from rich.console import Console
 
     from lowmem_r1.generation.chat import ChatOptions, Conversation, _one_shot
-    from lowmem_r1.generation.engine import Sampling, load_generator, resolve_ref
+    from lowmem_r1.generation.engine import Decoding, load_generator, resolve_ref
     from lowmem_r1.generation.evaluate import generate_all
 
     gen = load_generator(resolve_ref(args.model), "hf")
@@ -59,7 +59,7 @@ def main() -> int:
     questions = [f"What is {a} + {b}?" for a, b in zip([3, 7, 2, 9, 4, 6, 8, 5] * 8, [5, 1, 8, 2, 4, 3, 9, 7] * 8)]
     questions = questions[: args.prompts]
     messages = [[{"role": "user", "content": q}] for q in questions]
-    sampling = Sampling(temperature=0.0, max_new_tokens=args.max_new_tokens)
+    sampling = Decoding(temperature=0.0, max_new_tokens=args.max_new_tokens)
     devnull = Console(file=io.StringIO())
 
     # --- bare transformers -------------------------------------------------------------------------

@@ -200,11 +200,11 @@ def test_chat_think_toggles_and_ctrl_d_ends_the_line(monkeypatch):
 
     from lowmem_r1.generation import chat
     from lowmem_r1.generation.chat import ChatOptions, repl
-    from lowmem_r1.generation.engine import Sampling
+    from lowmem_r1.generation.engine import Decoding
 
     said = []
     monkeypatch.setattr(chat, "_stream_turn", lambda console, conv, user, opts: said.append(user))
-    opts = ChatOptions(Sampling())
+    opts = ChatOptions(Decoding())
     out = io.StringIO()
     repl(_Conv(), opts, io.StringIO("/think\nhi \x1b[A\x07there\n/think\n/think on\n/think maybe\n"),
          Console(file=out, width=200), None)

@@ -23,15 +23,15 @@ from lowmem_r1.generation.chat import (
     trained_format,
 )
 from lowmem_r1.generation.engine import (
+    Decoding,
     ModelRef,
-    Sampling,
     choose_engine,
     load_generator,
     newest_model,
     resolve_ref,
 )
 
-GREEDY = Sampling(temperature=0.0, max_new_tokens=10)
+GREEDY = Decoding(temperature=0.0, max_new_tokens=10)
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -289,5 +289,5 @@ def test_ctrl_c_while_streaming_stops_generation_in_this_thread(base_gen):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        base_gen.stream(ids, Sampling(temperature=0.0, max_new_tokens=64), show)
+        base_gen.stream(ids, Decoding(temperature=0.0, max_new_tokens=64), show)
     assert len(pieces) == 3 and threading.active_count() == threads

@@ -11,7 +11,13 @@ from lowmem_r1.runs.rundir import RunDir
 from lowmem_r1.training.grpo.stage import grpo_kwargs
 from lowmem_r1.training.grpo.trainer import config_class
 from lowmem_r1.training.sft import sft_kwargs
-from lowmem_r1.training.trainer_args import SECTIONS, SPELLED_OUT, TOOLKIT_SECTIONS, field_names, trainer_kwargs
+from lowmem_r1.training.trainer_args import (
+    SECTIONS,
+    SPELLED_OUT,
+    TOOLKIT_SECTIONS,
+    field_names,
+    trainer_kwargs,
+)
 
 GRPO_FIELDS = field_names(config_class())
 COMMON = field_names(TrainingArguments)

@@ -14,7 +14,7 @@ from lowmem_r1.config.recipe import load_recipe
 from lowmem_r1.data import TASKS
 from lowmem_r1.generation.chat import ChatOptions
 from lowmem_r1.generation.chat import chat as run_chat
-from lowmem_r1.generation.engine import Sampling
+from lowmem_r1.generation.engine import Decoding
 from lowmem_r1.generation.evaluate import EvalSettings
 from lowmem_r1.generation.rejection import SampleSettings, print_result
 from lowmem_r1.generation.rejection import sample as run_sample
@@ -38,7 +38,7 @@ def chat(
     engine: str = EngineOpt,
 ) -> None:
     """Talk to a model: tokens stream as generated, reasoning dimmed and apart. /reset /system /think /exit."""
-    opts = ChatOptions(Sampling(temperature, top_p, max_new_tokens, seed), system=system, think=think, engine=engine)
+    opts = ChatOptions(Decoding(temperature, top_p, max_new_tokens, seed), system=system, think=think, engine=engine)
     raise typer.Exit(run_chat(model, opts, prompt=prompt, compare=compare))
 
 

@@ -16,7 +16,7 @@ from lowmem_r1.config.recipe import load_recipe
 from lowmem_r1.core.errors import printable
 from lowmem_r1.data.formats import system_text
 from lowmem_r1.data.splits import continue_assistant
-from lowmem_r1.generation.engine import Generator, ModelRef, Sampling, load_generator, resolve_ref
+from lowmem_r1.generation.engine import Decoding, Generator, ModelRef, load_generator, resolve_ref
 
 REASONING_OPEN = ("<think>", "<reasoning>")
 REASONING_CLOSE = ("</think>", "</reasoning>")
@@ -100,7 +100,7 @@ class Conversation:
         text = continue_assistant(messages, self.assistant_prefix, self.gen.tokenizer)
         return self.gen.encode(text), _opens_reasoning(self.assistant_prefix)
 
-    def reply(self, user: str, sampling: Sampling, on_piece: Callable[[bool, str], None]) -> None:
+    def reply(self, user: str, sampling: Decoding, on_piece: Callable[[bool, str], None]) -> None:
         """Answer `user`, calling on_piece(is_reasoning, text) as the text streams in, then remember the
         turn (not when interrupted: the next turn starts from the last complete one)."""
         ids, in_reasoning = self.prompt_ids(user)
@@ -118,7 +118,7 @@ class Conversation:
         self.history += [{"role": "user", "content": user},
                          {"role": "assistant", "content": "".join(answer).strip()}]
 
-    def reply_text(self, user: str, sampling: Sampling) -> tuple[str, str]:
+    def reply_text(self, user: str, sampling: Decoding) -> tuple[str, str]:
         parts: list[tuple[bool, str]] = []
         self.reply(user, sampling, lambda is_reasoning, text: parts.append((is_reasoning, text)))
         return ("".join(t for r, t in parts if r).strip(), "".join(t for r, t in parts if not r).strip())
@@ -152,7 +152,7 @@ def _system_text(recipe) -> str | None:
 
 @dataclass
 class ChatOptions:
-    sampling: Sampling
+    sampling: Decoding
     system: str | None = None
     """None: the trained format's system prompt (run directories) or the template's default."""
     think: bool = True

@@ -43,8 +43,8 @@ class ModelRef:
 
 
 @dataclass
-class Sampling:
-    """temperature 0 means greedy decoding."""
+class Decoding:
+    """How one generate call decodes (eval, chat, sample); temperature 0 means greedy."""
 
     temperature: float = 0.0
     top_p: float = 1.0
@@ -177,7 +177,7 @@ class Generator:
         return ids
 
     # -- generation ------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], sampling: Sampling, n: int = 1) -> list[list[Completion]]:
+    def generate(self, prompts: list[list[int]], sampling: Decoding, n: int = 1) -> list[list[Completion]]:
         """n completions for each tokenized prompt (one batch: the caller chooses the batch size)."""
         if self.engine == "vllm":
             return self._generate_vllm(prompts, sampling, n)
@@ -196,7 +196,7 @@ class Generator:
         done = [self._completion(row) for row in new]
         return [done[i * n:(i + 1) * n] for i in range(len(prompts))]
 
-    def stream(self, prompt: list[int], sampling: Sampling, on_text: Callable[[str], None]) -> Completion:
+    def stream(self, prompt: list[int], sampling: Decoding, on_text: Callable[[str], None]) -> Completion:
         """Generate one completion, calling `on_text` with each piece of text as soon as it decodes to
         whole characters; returns the completion.
 
@@ -242,7 +242,7 @@ class Generator:
             ids, mask = ids.to(device), mask.to(device)
         return {"input_ids": ids, "attention_mask": mask}
 
-    def _hf_kwargs(self, s: Sampling) -> dict:
+    def _hf_kwargs(self, s: Decoding) -> dict:
         from transformers import GenerationConfig
 
         pad = self.tokenizer.pad_token_id
@@ -264,7 +264,7 @@ class Generator:
         text = self.tokenizer.decode(kept, skip_special_tokens=True, clean_up_tokenization_spaces=False)
         return Completion(text=text, tokens=len(kept), clipped=end is None, ids=kept)
 
-    def _generate_vllm(self, prompts, sampling: Sampling, n: int) -> list[list[Completion]]:
+    def _generate_vllm(self, prompts, sampling: Decoding, n: int) -> list[list[Completion]]:
         from vllm import SamplingParams
 
         params = SamplingParams(

@@ -25,9 +25,9 @@ from lowmem_r1.core.fsutil import atomic_dir, refuse_existing
 from lowmem_r1.data import TASKS, get_task, load_splits
 from lowmem_r1.generation.engine import (
     Completion,
+    Decoding,
     Generator,
     ModelRef,
-    Sampling,
     load_generator,
     load_tokenizer,
     resolve_ref,
@@ -245,7 +245,7 @@ def _extracted(text: str) -> str | None:
 # Generation
 
 
-def generate_all(gen: Generator, prompt_ids: list[list[int]], sampling: Sampling, samples: int, batch_size: int,
+def generate_all(gen: Generator, prompt_ids: list[list[int]], sampling: Decoding, samples: int, batch_size: int,
                  progress=None, task=None) -> list[list[Completion]]:
     """Batched generation, longest prompts first (least padding), results in the original order."""
     order = sorted(range(len(prompt_ids)), key=lambda i: -len(prompt_ids[i]))
@@ -329,7 +329,7 @@ def evaluate_target(t: EvalTarget, settings: EvalSettings, console=None, target:
     return results
 
 
-def _sampling(recipe, s: EvalSettings) -> Sampling:
+def _sampling(recipe, s: EvalSettings) -> Decoding:
     max_new = s.max_new_tokens or recipe.eval.max_new_tokens or recipe.generation.max_completion_length
     if s.samples > 1:  # pass@k needs diverse samples: the training temperature unless told otherwise
         temp = s.temperature if s.temperature is not None else recipe.generation.temperature
@@ -338,7 +338,7 @@ def _sampling(recipe, s: EvalSettings) -> Sampling:
     top_p = s.top_p if s.top_p is not None else (recipe.generation.top_p if temp > 0 else 1.0)
     if temp == 0 and s.samples > 1:
         raise UserError("--samples k > 1 needs sampling; pass --temperature above 0")
-    return Sampling(temperature=temp, top_p=top_p, max_new_tokens=max_new, seed=s.seed)
+    return Decoding(temperature=temp, top_p=top_p, max_new_tokens=max_new, seed=s.seed)
 
 
 def _inputs(t: EvalTarget) -> tuple:

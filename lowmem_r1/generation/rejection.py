@@ -28,7 +28,7 @@ from pathlib import Path
 from lowmem_r1.core.errors import UserError
 from lowmem_r1.core.fsutil import atomic_write_json, atomic_write_text, check_writable, is_ours, mark
 from lowmem_r1.data import load_splits
-from lowmem_r1.generation.engine import Sampling, load_generator, load_tokenizer, resolve_ref
+from lowmem_r1.generation.engine import Decoding, load_generator, load_tokenizer, resolve_ref
 from lowmem_r1.generation.evaluate import correctness_rewards, score
 from lowmem_r1.rewards.guard import prompt_text
 from lowmem_r1.rewards.recipe_rewards import RecipeRewards
@@ -110,7 +110,7 @@ def sample(model: str, recipe, out: Path, s: SampleSettings, console=None) -> Sa
     done = {r["index"] for r in read_jsonl(log) if r.get("sample") == s.k - 1}
     todo = [i for i in range(len(rows)) if i not in done]
     _truncate_partial(log, done)
-    sampling = Sampling(temperature=s.temperature, top_p=s.top_p, seed=s.seed,
+    sampling = Decoding(temperature=s.temperature, top_p=s.top_p, seed=s.seed,
                         max_new_tokens=s.max_new_tokens or recipe.generation.max_completion_length)
     if todo:
         if done:

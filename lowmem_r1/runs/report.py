@@ -11,11 +11,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from lowmem_r1.runs import health
+from lowmem_r1.config.recipe import load_recipe
 from lowmem_r1.core.errors import UserError
 from lowmem_r1.core.fsutil import atomic_dir
-from lowmem_r1.config.recipe import load_recipe
 from lowmem_r1.rewards.extract import prompt_text
+from lowmem_r1.runs import health
 from lowmem_r1.runs.rundir import RunDir, newest_run, read_jsonl
 
 PLOTS = {

@@ -13,13 +13,10 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from lowmem_r1.core.errors import UserError
-from lowmem_r1.core.faults import maybe_fault
 from lowmem_r1.core.fsutil import check_safetensors, safetensors_problem
 
 # What a checkpoint must hold to resume from (Trainer._save_checkpoint writes them), besides every process's
