@@ -18,8 +18,6 @@ from lowmem_r1.data.sources import peek_rows
 @dataclass(frozen=True)
 class StageKind:
     name: str
-    summary: str
-    """One line for --help and the docs."""
     headline: str
     """The number each step is judged by in the live display ("reward" or "loss")."""
     rewarded: bool
@@ -38,13 +36,9 @@ def check_prompt_rows(recipe, source: str) -> None:
 
 STAGES: dict[str, StageKind] = {
     kind.name: kind for kind in (
-        StageKind("grpo", "reasoning RL: completions sampled in groups and scored by [[rewards]] (GRPO)",
-                  headline="reward", rewarded=True, check_data=check_prompt_rows),
-        StageKind("sft", "supervised fine-tuning on traces: cold start, rejection-sampled or distilled data",
-                  headline="loss", rewarded=False, check_data=check_sft_data),
+        # GRPO: completions sampled in groups and scored by [[rewards]]
+        StageKind("grpo", headline="reward", rewarded=True, check_data=check_prompt_rows),
+        # SFT on traces: cold start, rejection-sampled or distilled data
+        StageKind("sft", headline="loss", rewarded=False, check_data=check_sft_data),
     )
 }
-
-
-def stage_kind(name: str) -> StageKind:
-    return STAGES[name]

@@ -56,7 +56,7 @@ def trainer_kwargs(recipe, fields: set[str], output_dir: Path) -> dict:
     for section in SECTIONS:
         for key, value in getattr(recipe, section):
             if f"{section}.{key}" not in SPELLED_OUT and key in fields:
-                out[key] = list(value) if isinstance(value, (list, tuple)) else value
+                out[key] = value
     return {
         **out,
         "output_dir": str(output_dir),
